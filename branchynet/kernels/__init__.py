@@ -1,0 +1,1 @@
+"""Triton kernels of the exit op (imported lazily by :mod:`branchynet.ops`)."""

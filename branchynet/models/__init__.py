@@ -1,0 +1,17 @@
+"""BranchyNet models: the container, the paper's networks, exits on your own backbone."""
+
+from .branchynet import BackboneOnly, BranchyNet, default_branch, from_sequential, from_stages
+from .lenet import b_lenet
+from .alexnet import b_alexnet
+from .resnet import b_resnet110
+
+__all__ = [
+    "BackboneOnly",
+    "BranchyNet",
+    "b_alexnet",
+    "b_lenet",
+    "b_resnet110",
+    "default_branch",
+    "from_sequential",
+    "from_stages",
+]

@@ -1,0 +1,234 @@
+"""The exit op and the survivor gather, with backend dispatch.
+
+One op, three backends:
+
+============  =====================================  ======================================
+backend       where it runs                           what it is
+============  =====================================  ======================================
+``torch``     any device                              reference and CPU fallback
+``triton``    CUDA (CPU only under TRITON_INTERPRET)  fused Triton kernel
+``cuda``      CUDA, from the compiled ``branchynet._C`` fused CUDA C++ kernel
+============  =====================================  ======================================
+
+``backend="auto"`` picks ``cuda > triton > torch`` for the input's device. A missing
+extension or Triton is a fallback (logged at debug level), never an error, unless the
+backend is asked for by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from ..config import CRITERIA, criterion_id
+from ._torch import exit_step_torch, gather_rows_torch
+
+__all__ = [
+    "exit_step",
+    "gather_rows",
+    "available_backends",
+    "resolve_backend",
+    "backend_status",
+    "BACKENDS",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("cuda", "triton", "torch")
+
+# --- optional backends -----------------------------------------------------------------
+
+_EXT = None
+_EXT_ERROR: str | None = None
+try:  # the compiled extension registers torch.ops.branchynet.* on import
+    from .. import _C as _EXT  # type: ignore[attr-defined, no-redef]
+except Exception as err:  # ImportError, or an ABI mismatch with this torch
+    _EXT_ERROR = f"{type(err).__name__}: {err}"
+    log.debug("branchynet._C not available (%s); the cuda backend is off", _EXT_ERROR)
+
+_TRITON = None
+_TRITON_ERROR: str | None = None
+try:
+    from ..kernels import exit_step as _TRITON  # type: ignore[no-redef]
+except Exception as err:
+    _TRITON_ERROR = f"{type(err).__name__}: {err}"
+    log.debug("Triton kernels not available (%s); the triton backend is off", _TRITON_ERROR)
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _ext_has(device_type: str) -> bool:
+    if _EXT is None:
+        return False
+    return bool(getattr(_EXT, "has_cuda", lambda: False)()) if device_type == "cuda" else False
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run the exit op on ``device``, fastest first."""
+    dev = torch.device(device)
+    out = []
+    if dev.type == "cuda" and _ext_has("cuda"):
+        out.append("cuda")
+    if _TRITON is not None and (dev.type == "cuda" or (dev.type == "cpu" and _triton_interpret())):
+        out.append("triton")
+    out.append("torch")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Turn ``"auto"`` into a concrete backend for ``device``; refuse unavailable ones.
+
+    ``auto`` never picks Triton on the CPU: the interpreter is for tests, not speed.
+    """
+    dev = torch.device(device)
+    if backend == "auto":
+        for b in available_backends(dev):
+            if b == "triton" and dev.type != "cuda":
+                continue
+            return b
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend not in available_backends(dev):
+        why = {
+            "cuda": _EXT_ERROR or "the extension was built without CUDA or the device is not CUDA",
+            "triton": _TRITON_ERROR or "Triton runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)",
+        }.get(backend, "")
+        raise RuntimeError(f"backend={backend!r} is not available on device {dev}: {why}")
+    return backend
+
+
+def backend_status() -> dict:
+    """What is built and importable, for ``branchynet info``."""
+    return {
+        "extension": "loaded" if _EXT is not None else f"not available ({_EXT_ERROR})",
+        "extension_cuda": _ext_has("cuda"),
+        "triton": "available" if _TRITON is not None else f"not available ({_TRITON_ERROR})",
+        "auto_cpu": resolve_backend("auto", "cpu"),
+        "auto_cuda": resolve_backend("auto", "cuda") if torch.cuda.is_available() else None,
+    }
+
+
+# --- the op ----------------------------------------------------------------------------
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, out_entropy):
+    for name, t in (("logits", logits), ("rows", rows), ("out_logits", out_logits),
+                    ("out_pred", out_pred), ("out_exit", out_exit), ("out_entropy", out_entropy)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [K, C] (rank 2), got {tuple(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES + (torch.float64,):
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    k, c = logits.shape
+    if rows.dtype != torch.int64 or rows.shape != (k,):
+        raise ValueError(f"rows must be int64 of shape [{k}], got {rows.dtype} {tuple(rows.shape)}")
+    if out_logits.dim() != 2 or out_logits.shape[1] != c:
+        raise ValueError(f"out_logits must have shape [B, {c}], got {tuple(out_logits.shape)}")
+    b = out_logits.shape[0]
+    if out_logits.dtype != logits.dtype:
+        raise TypeError(f"out_logits dtype {out_logits.dtype} must match logits dtype {logits.dtype}")
+    for name, t, dt in (("out_pred", out_pred, torch.int64), ("out_exit", out_exit, torch.int64),
+                        ("out_entropy", out_entropy, torch.float32)):
+        if t.dtype != dt or t.shape != (b,):
+            raise ValueError(f"{name} must be {dt} of shape [{b}], got {t.dtype} {tuple(t.shape)}")
+    if not out_logits.is_contiguous():
+        raise ValueError("out_logits must be contiguous")
+    if isinstance(threshold, torch.Tensor):
+        threshold = float(threshold)
+    if math.isnan(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be >= 0 and not NaN, got {threshold}")
+    return float(threshold)
+
+
+def exit_step(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    threshold: float,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_pred: torch.Tensor,
+    out_exit: torch.Tensor,
+    out_entropy: torch.Tensor,
+    *,
+    criterion: str = "entropy",
+    last: bool = False,
+    backend: str = "auto",
+):
+    """One exit point: decide, write the exiting rows, compact the survivors.
+
+    For each of the K rows still in flight: softmax with a stable max, entropy (fp32
+    accumulation), the criterion's score, argmax, and the test ``score < threshold``
+    (every row leaves when ``last``). A leaving row ``i`` writes its logits, prediction,
+    ``exit_index`` and entropy into the output buffers at row ``rows[i]`` of the original
+    batch; the other rows of the buffers are left untouched.
+
+    Args:
+        logits: [K, C] fp32/fp16/bf16, this exit's logits for the rows in flight.
+        rows: [K] int64, original batch row of each of the K rows (unique).
+        threshold: T >= 0 for this exit (ignored when ``last``).
+        exit_index: 0-based index of this exit, written to ``out_exit``.
+        out_logits: [B, C] contiguous, same dtype as ``logits``.
+        out_pred, out_exit: [B] int64. out_entropy: [B] float32.
+        criterion: ``"entropy"`` (the paper's), ``"max_prob"`` or ``"margin"``.
+        last: the final exit, which takes every remaining row.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(survivors [K] int64, survivor_rows [K] int64, count [1] int64)``, all on the
+        device: the first ``count`` entries of ``survivors`` are the local indices (into
+        the K rows) of the rows that stay, and of ``survivor_rows`` their original rows;
+        the entries past ``count`` are unspecified. The order of the survivors is
+        unspecified for the fused kernels (the torch backend keeps input order).
+    """
+    threshold = _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, out_entropy)
+    cid = criterion_id(criterion)
+    be = resolve_backend(backend, logits.device)
+    if logits.dtype == torch.float64 and be != "torch":
+        raise TypeError(f"backend {be!r} takes float32, float16 or bfloat16 logits, got float64")
+    if be == "cuda":
+        return torch.ops.branchynet.exit_step(
+            logits.contiguous(), rows, threshold, cid, int(exit_index), bool(last),
+            out_logits, out_pred, out_exit, out_entropy)
+    if be == "triton":
+        return _TRITON.exit_step_triton(
+            logits, rows, threshold, cid, int(exit_index), bool(last),
+            out_logits, out_pred, out_exit, out_entropy)
+    return exit_step_torch(logits, rows, threshold, cid, int(exit_index), bool(last),
+                           out_logits, out_pred, out_exit, out_entropy)
+
+
+def gather_rows(features: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Gather the survivors' feature maps: ``features[index]`` along dim 0.
+
+    Args:
+        features: [K, ...] any dtype, contiguous or channels_last.
+        index: [M] int64 local indices (M <= K), on the same device.
+
+    Returns:
+        [M, ...], channels_last when ``features`` is.
+    """
+    if not isinstance(features, torch.Tensor) or not isinstance(index, torch.Tensor):
+        raise TypeError("features and index must be torch.Tensors")
+    if features.dim() < 1:
+        raise ValueError("features must have a batch dimension (rank >= 1)")
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} of rank {index.dim()}")
+    if index.device != features.device:
+        raise ValueError(f"index is on {index.device} but features are on {features.device}")
+    be = resolve_backend(backend, features.device)
+    if be == "cuda":
+        return torch.ops.branchynet.gather_rows(features, index)
+    if be == "triton":
+        return _TRITON.gather_rows_triton(features, index)
+    return gather_rows_torch(features, index)

@@ -1,0 +1,118 @@
+"""Entropy and exit scores against a float64 reference written independently here."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from branchynet import entropy, exit_scores
+from branchynet.exits import exit_mask
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def ref_entropy(z: np.ndarray) -> np.ndarray:
+    """-sum p log p in float64 via scipy-free log-softmax, row by row."""
+    z = z.astype(np.float64)
+    out = np.empty(z.shape[0])
+    for i, row in enumerate(z):
+        m = row.max()
+        logp = row - m - math.log(np.exp(row - m).sum())
+        p = np.exp(logp)
+        out[i] = -np.sum(np.where(p > 0, p * logp, 0.0))
+    return out
+
+
+def make_logits(b, c, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [0, 1, 7, 1023])
+@pytest.mark.parametrize("c", [2, 10, 1000])
+def test_entropy_matches_float64_reference(dtype, b, c):
+    z = make_logits(b, c, dtype, scale=3.0, seed=b * 31 + c)
+    h = entropy(z)
+    assert h.shape == (b,)
+    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = ref_entropy(z.double().numpy())  # reference on the same (rounded) logits
+    tol = 1e-12 if dtype == torch.float64 else 2e-5 * max(1.0, math.log(c))
+    np.testing.assert_allclose(h.double().numpy(), ref, rtol=1e-5, atol=tol)
+    if b:
+        assert (h >= 0).all() and (h <= math.log(c) + 1e-4).all()
+
+
+def test_entropy_low_precision_not_worse_than_torch_at_that_dtype():
+    # fp16 logits: our fp32 accumulation must be at least as accurate as computing the
+    # entropy in fp16 with PyTorch (the flash-attention rule: at most 2x that error).
+    z = make_logits(512, 1000, torch.float16, scale=4.0, seed=3)
+    ref = torch.from_numpy(ref_entropy(z.double().numpy()))
+    p16 = torch.softmax(z, dim=1)
+    naive = -(p16 * torch.log_softmax(z, dim=1)).sum(1)
+    ours = entropy(z).double()
+    assert (ours - ref).abs().max() <= 2 * (naive.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extreme_logits_are_finite(dtype):
+    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, -1e4], [0.0, 0.0, 0.0]])
+    z = z.to(dtype) if dtype != torch.float16 else z.clamp(-6e4, 6e4).to(dtype)
+    h = entropy(z)
+    assert torch.isfinite(h).all()
+    expect = torch.tensor([0.0, math.log(3), math.log(2), math.log(3)])
+    torch.testing.assert_close(h, expect, atol=1e-3, rtol=1e-3)
+
+
+def test_minus_inf_logits_mask_classes():
+    z = torch.tensor([[float("-inf"), 0.0, 0.0], [float("-inf"), float("-inf"), 5.0]])
+    h = entropy(z)
+    torch.testing.assert_close(h, torch.tensor([math.log(2), 0.0]))
+
+
+def test_nan_propagates_and_never_exits():
+    z = torch.tensor([[float("nan"), 1.0, 2.0], [5.0, 0.0, 0.0]])
+    for crit in ("entropy", "max_prob", "margin"):
+        score, h, pred = exit_scores(z, crit)
+        assert torch.isnan(score[0]) and torch.isnan(h[0])
+        assert pred[0] == 0  # NaN counts as +inf: the NaN column wins
+        m = exit_mask(z, 1e9, crit)
+        assert not m[0] and m[1]
+
+
+def test_criteria_scores():
+    z = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]))
+    s, _, pred = exit_scores(z, "max_prob")
+    torch.testing.assert_close(s, torch.tensor([0.3, 0.6]))
+    s, _, _ = exit_scores(z, "margin")
+    torch.testing.assert_close(s, torch.tensor([0.5, 1.0]))
+    assert pred.tolist() == [0, 0]
+    # one class: entropy 0, margin 0 (p1 - 0)
+    one = torch.randn(4, 1)
+    s, h, p = exit_scores(one, "margin")
+    assert (h == 0).all() and (p == 0).all() and torch.allclose(s, torch.zeros(4))
+
+
+def test_exit_rule_is_strict():
+    z = torch.zeros(1, 2)  # entropy log 2
+    h = float(entropy(z))
+    assert not exit_mask(z, h)[0]
+    assert exit_mask(z, math.nextafter(h, 1.0) + 1e-7)[0]
+
+
+@pytest.mark.parametrize("bad,err", [
+    (torch.zeros(3), ValueError),
+    (torch.zeros(2, 3, 4), ValueError),
+    (torch.zeros(2, 3, dtype=torch.int64), TypeError),
+    ([[0.0, 1.0]], TypeError),
+    (torch.zeros(2, 0), ValueError),
+])
+def test_bad_logits_raise(bad, err):
+    with pytest.raises(err, match="logits"):
+        entropy(bad)
+
+
+def test_unknown_criterion():
+    with pytest.raises(ValueError, match="criterion"):
+        exit_scores(torch.zeros(2, 3), "confidence")
