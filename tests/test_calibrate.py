@@ -1,0 +1,99 @@
+"""Calibration: scoring from cached exit outputs must equal running the engine."""
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+import branchynet as bn
+from branchynet.calibrate import (calibrate, collect_exit_outputs, measure_path_times,
+                                  pareto_front, score_thresholds)
+from branchynet.flops import count_flops, profile_flops
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Linear(10, 32), nn.ReLU()) for _ in range(1)] + \
+             [nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(2)]
+    branches = [nn.Linear(32, 4) for _ in range(3)]
+    model = bn.BranchyNet(stages, branches, input_shape=(10,), num_classes=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+def dataset(seed=1, m=300):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 10, generator=g)
+    y = torch.randint(0, 4, (m,), generator=g)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def test_scores_equal_engine_results():
+    model, val = small_model(), dataset()
+    table = collect_exit_outputs(model, val, batch_size=64)
+    grid = torch.tensor([[0.0, 0.0], [0.5, 0.8], [1.0, 0.3], [5.0, 5.0]])
+    acc, frac = score_thresholds(table, grid)
+    x, y = val.tensors
+    for g in range(grid.shape[0]):
+        res = bn.EarlyExitEngine(model, grid[g].tolist())(x)
+        assert abs(float((res.pred == y).double().mean()) - float(acc[g])) < 1e-12
+        assert [c / len(y) for c in res.counts] == pytest.approx(frac[g].tolist())
+    assert frac[0].tolist() == [0.0, 0.0, 1.0] and frac[3].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_chosen_thresholds_meet_target_on_their_data(tmp_path):
+    model, val = small_model(), dataset()
+    res = calibrate(model, val, max_drop=0.02)
+    assert res.target["met"]
+    x, y = val.tensors
+    eng = bn.EarlyExitEngine(model, res.chosen["thresholds"])
+    out = eng(x)
+    acc = float((out.pred == y).double().mean())
+    assert acc >= res.final_accuracy - 0.02 - 1e-9
+    assert acc == pytest.approx(res.chosen["accuracy"])
+    # it is the cheapest such point
+    cheaper = [r for r in res.rows if r["flops"] < res.chosen["flops"] - 1e-9]
+    assert all(r["accuracy"] < res.final_accuracy - 0.02 for r in cheaper)
+    res.to_csv(tmp_path / "sweep.csv")
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert len(rows) == len(res.rows) and sum(int(r["pareto"]) for r in rows) == len(res.pareto())
+    res.plot(tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_min_accuracy_target_and_unreachable_target():
+    model, val = small_model(), dataset()
+    res = calibrate(model, val, min_accuracy=2.0)  # impossible
+    assert not res.target["met"]
+    assert res.chosen["accuracy"] == max(r["accuracy"] for r in res.rows)
+    with pytest.raises(ValueError, match="max_drop"):
+        calibrate(model, val, max_drop=5)
+
+
+def test_pareto_front_is_non_dominated():
+    rows = [{"flops": f, "accuracy": a, "time_per_sample": None}
+            for f, a in [(1, 0.5), (2, 0.6), (2, 0.4), (3, 0.55), (4, 0.9)]]
+    front = pareto_front(rows)
+    assert [(r["flops"], r["accuracy"]) for r in front] == [(1, 0.5), (2, 0.6), (4, 0.9)]
+
+
+def test_flops_counted_from_modules():
+    lin = nn.Linear(10, 32)
+    assert count_flops(lin, torch.zeros(1, 10)) == 2 * 10 * 32
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert count_flops(conv, torch.zeros(1, 3, 8, 8)) == 2 * 3 * 8 * 9 * 64
+    model = small_model()
+    prof = profile_flops(model)
+    assert prof.stage == [640, 2048, 2048] and prof.branch == [256, 256, 256]
+    assert prof.backbone == 640 + 2048 * 2 + 256
+    assert prof.ideal_speedup([0, 0, 1]) < 1  # all at the last exit: side branches are overhead
+    assert prof.ideal_speedup([1, 0, 0]) == pytest.approx(prof.backbone / (640 + 256))
+
+
+def test_path_times_are_increasing():
+    model = small_model()
+    t = measure_path_times(model, torch.randn(64, 10), repeats=3)
+    assert len(t) == 3 and all(v > 0 for v in t) and t[0] < t[2]
