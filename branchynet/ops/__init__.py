@@ -108,7 +108,7 @@ def backend_status() -> dict:
     return {
         "extension": "loaded" if _EXT is not None else f"not available ({_EXT_ERROR})",
         "extension_cuda": _ext_has("cuda"),
-        "triton": "available" if _TRITON is not None else f"not available ({_TRITON_ERROR})",
+        "triton_kernels": "available" if _TRITON is not None else f"not available ({_TRITON_ERROR})",
         "auto_cpu": resolve_backend("auto", "cpu"),
         "auto_cuda": resolve_backend("auto", "cuda") if torch.cuda.is_available() else None,
     }
