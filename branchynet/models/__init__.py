@@ -4,13 +4,16 @@ from .branchynet import BackboneOnly, BranchyNet, default_branch, from_sequentia
 from .lenet import b_lenet
 from .alexnet import b_alexnet
 from .resnet import b_resnet110
+from .registry import MODELS, build_model
 
 __all__ = [
     "BackboneOnly",
     "BranchyNet",
+    "MODELS",
     "b_alexnet",
     "b_lenet",
     "b_resnet110",
+    "build_model",
     "default_branch",
     "from_sequential",
     "from_stages",
