@@ -227,3 +227,16 @@ def test_engine_uses_model_config_and_criteria(model):
         z0 = model(x)[0]
     p0 = torch.softmax(z0, 1).amax(1)
     assert torch.equal(res.exit == 0, (1 - p0) < 0.3)
+
+
+def test_naive_baseline_gives_the_engine_answers():
+    from branchynet.baselines import naive_early_exit
+
+    model = random_model(5, num_exits=3, dtype=torch.float64)
+    x = torch.randn(80, 12, dtype=torch.float64)
+    t = [1.0, 1.4]
+    a, b = EarlyExitEngine(model, t)(x), naive_early_exit(model, x, t)
+    assert a.counts == b.counts and 0 < a.counts[0] < 80
+    assert torch.equal(a.exit, b.exit) and torch.equal(a.pred, b.pred)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-6)
