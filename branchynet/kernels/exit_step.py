@@ -1,0 +1,398 @@
+"""Triton kernels of the exit op and the survivor gather.
+
+``exit_step_triton`` is the fused exit decision: for a block of rows it loads the logits
+once, computes the stable softmax statistics (max, sum of exp, entropy) in fp32, the
+prediction, the criterion's score and the exit test, writes the exiting rows' results at
+their original rows and compacts the survivors' indices, all in one launch. Against the
+PyTorch reference (``branchynet.ops._torch.exit_step_torch``, about ten kernels and as
+many passes over the logits or the [K] vectors) it moves the minimum: logits read once,
+exiting rows written once, survivors' indices written once.
+
+Two kernels, picked by the number of classes ``C``:
+
+* ``C <= MAX_TILE_C`` (16384): a program holds a ``ROWS x BLOCK_C`` tile in registers,
+  ``BLOCK_C = next_pow2(C)`` and ``ROWS`` chosen so the tile is about ``TILE_ELEMS`` (8K)
+  elements: 8 rows of ImageNet's 1000 classes, 512 rows of CIFAR-10's 10. Every row is
+  read once and every statistic comes from the registers.
+* ``C > MAX_TILE_C``: a 16K-wide fp32 tile would spill, so a program walks the row in
+  ``CHUNK_C`` (4096) chunks with an online max / sum-of-exp / sum of ``e * d`` (the
+  flash-attention rescaling), keeps a running top-2 for the prediction and the margin,
+  and, for the rows that leave, reads the logits a second time to copy them out. Only
+  leaving rows are re-read (masked loads of staying rows issue no memory traffic).
+
+Compaction: inside a program an exclusive ``tl.cumsum`` of the "stays" flags gives each
+survivor its offset, and one ``tl.atomic_add`` on the device counter per program reserves
+a contiguous slot range, so the survivors land at the front of the [K] buffers with no
+second pass and no host sync; their order across programs depends on the order the
+atomics run in (the contract leaves it unspecified).
+
+Semantics are the reference's (see :mod:`branchynet.exits`): fp32 accumulation for every
+input dtype; a row containing NaN or +inf, or only -inf, has NaN entropy and NaN score and
+never leaves early; ``pred`` treats NaN as +inf and the first index wins on ties
+(``torch.argmax``); classes with ``exp(d) == 0`` contribute 0 to the entropy; the entropy
+is clamped at 0 (NaN kept). ``exp`` is Triton's, a few ulp away from torch's, so scores can
+differ from the reference in the last bits.
+
+``gather_rows_triton`` copies whole per-sample blocks: it sees ``features`` as a
+``[K, N]`` matrix over its storage (valid whenever each sample's block is dense, which
+covers contiguous, channels_last and channels_last_3d tensors) and the output keeps the
+input's strides, so a channels_last input gives a channels_last output without a layout
+change. The copy is bitwise (the elements are moved as same-width integers), so any
+dtype works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["exit_step_triton", "gather_rows_triton", "MAX_TILE_C", "CHUNK_C", "TILE_ELEMS"]
+
+#: Widest row held as one register tile; wider rows take the chunked kernel.
+MAX_TILE_C = 16384
+#: Chunk width of the chunked kernel (fp32: 16 KB of one row per step).
+CHUNK_C = 4096
+#: Target elements per program tile (rows x padded classes); 8K fp32 = 32 KB of
+#: registers over 8 warps, 32 per thread, before the temporaries.
+TILE_ELEMS = 8192
+#: Cap on rows per program: beyond 512 rows, the per-row vectors (cumsum, stores) stop
+#: being free and a small-C batch would use too few programs to fill the SMs.
+MAX_ROWS = 512
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --- exit step -------------------------------------------------------------------------
+
+
+@triton.jit
+def _score(h, s, e2, CRITERION: tl.constexpr):
+    """Criterion score from the entropy ``h``, the sum of exp ``s`` (the top class has
+    ``e = exp(0) = 1``, so ``p1 = 1 / s`` exactly as ``max(e / s)`` in the reference) and
+    the runner-up's ``e2``. NaN entropy gives a NaN score (the row never leaves early)."""
+    if CRITERION == 0:
+        score = h
+    elif CRITERION == 1:
+        score = 1.0 - 1.0 / s
+    else:
+        score = 1.0 - (1.0 / s - e2 / s)
+    return tl.where(h != h, h, score)
+
+
+@triton.jit
+def _write_and_compact(
+    r, rmask, orow, leave, pred, h, exit_index,
+    out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
+    surv_ptr, surv_rows_ptr, count_ptr,
+    LAST: tl.constexpr,
+):
+    """Per-row outputs of the leaving rows, and the survivors compacted to the front."""
+    tl.store(out_pred_ptr + orow * so_pred, pred.to(tl.int64), mask=leave)
+    tl.store(out_exit_ptr + orow * so_exit, tl.zeros_like(orow) + exit_index, mask=leave)
+    tl.store(out_ent_ptr + orow * so_ent, h, mask=leave)
+    if not LAST:  # the last exit has no survivors: no atomic at all
+        stay = rmask & (leave == 0)
+        flag = stay.to(tl.int32)
+        pos = tl.cumsum(flag, axis=0) - flag  # exclusive scan: slot inside the block
+        # One atomic per program reserves the block's slot range.
+        base = tl.atomic_add(count_ptr, tl.sum(flag, axis=0).to(tl.int64))
+        slot = base + pos.to(tl.int64)
+        tl.store(surv_ptr + slot, r, mask=stay)
+        tl.store(surv_rows_ptr + slot, orow, mask=stay)
+
+
+@triton.jit
+def _exit_step_tile_kernel(
+    logits_ptr, sl_k, sl_c,
+    rows_ptr, s_rows,
+    out_logits_ptr, so_k, so_c,
+    out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
+    surv_ptr, surv_rows_ptr, count_ptr,
+    K, C, threshold, exit_index,
+    CRITERION: tl.constexpr, LAST: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # int64 row index: K * C can pass 2**31 elements.
+    r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = r < K
+    col = tl.arange(0, BLOCK_C)
+    cmask = col < C
+    m2 = rmask[:, None] & cmask[None, :]
+
+    # One pass: the raw tile stays in registers for the copy-out of leaving rows.
+    raw = tl.load(logits_ptr + r[:, None] * sl_k + col[None, :] * sl_c, mask=m2, other=0.0)
+    x = raw.to(tl.float32)
+    z = tl.where(m2, x, float("-inf"))
+    # NaN as +inf for the prediction (and the max: compiled tl.max ignores NaN, the
+    # interpreter's propagates it, so neither may see one).
+    zp = tl.where(z != z, float("inf"), z)
+    m, pred = tl.max(zp, axis=1, return_indices=True, return_indices_tie_break_left=True)
+
+    # Entropy exactly as the reference: d = z - m (NaN for +inf/NaN entries and for
+    # all -inf rows, which makes s NaN), H = log s - sum_{e>0} e d / s.
+    d = x - m[:, None]
+    e = tl.where(m2, tl.exp(d), 0.0)
+    ed = tl.where(e > 0, e * d, 0.0)
+    s = tl.sum(e, axis=1)
+    h = tl.log(s) - tl.sum(ed, axis=1) / s
+    h = tl.where(h < 0, 0.0, h)
+
+    if CRITERION == 2:
+        # Runner-up: the max once the argmax column is removed (ties give p2 == p1).
+        z2 = tl.max(tl.where(col[None, :] == pred[:, None], float("-inf"), zp), axis=1)
+        e2 = tl.exp(z2 - m)
+    else:
+        e2 = s
+    score = _score(h, s, e2, CRITERION)
+
+    if LAST:
+        leave = rmask
+    else:
+        leave = rmask & (score < threshold)  # NaN < T is false
+
+    orow = tl.load(rows_ptr + r * s_rows, mask=rmask, other=0)
+    tl.store(out_logits_ptr + orow[:, None] * so_k + col[None, :] * so_c, raw,
+             mask=m2 & leave[:, None])
+    _write_and_compact(r, rmask, orow, leave, pred, h, exit_index,
+                       out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
+                       surv_ptr, surv_rows_ptr, count_ptr, LAST)
+
+
+@triton.jit
+def _exit_step_chunked_kernel(
+    logits_ptr, sl_k, sl_c,
+    rows_ptr, s_rows,
+    out_logits_ptr, so_k, so_c,
+    out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
+    surv_ptr, surv_rows_ptr, count_ptr,
+    K, C, threshold, exit_index,
+    CRITERION: tl.constexpr, LAST: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = r < K
+    col = tl.arange(0, CHUNK)
+    ninf = float("-inf")
+
+    # Running state per row. `best`/`idx`/`second`: top-2 of the logits with NaN as +inf
+    # (the prediction and the margin's runner-up). `mr`, `s`, `t`: online max, sum of
+    # exp(z - mr) and sum of exp(z - mr) * (z - mr) over the finite entries. `bad`: a NaN
+    # or +inf entry was seen (the reference's entropy is NaN then).
+    best = tl.full([ROWS], ninf, tl.float32)
+    second = tl.full([ROWS], ninf, tl.float32)
+    idx = tl.zeros([ROWS], tl.int32)
+    mr = tl.full([ROWS], ninf, tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    t = tl.zeros([ROWS], tl.float32)
+    bad = tl.zeros([ROWS], tl.int1)
+    for c0 in range(0, C, CHUNK):
+        cc = c0 + col
+        m2 = rmask[:, None] & (cc < C)[None, :]
+        x = tl.load(logits_ptr + r[:, None] * sl_k + cc[None, :] * sl_c, mask=m2,
+                    other=0.0).to(tl.float32)
+        z = tl.where(m2, x, ninf)
+        zp = tl.where(z != z, float("inf"), z)
+        bad = bad | (tl.max(zp, axis=1) == float("inf"))
+
+        cmax, carg = tl.max(zp, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        c2 = tl.max(tl.where(col[None, :] == carg[:, None], ninf, zp), axis=1)
+        # Top-2 of the union of {best, second} and {cmax, c2}; strict > keeps the
+        # earlier chunk's index on ties (first index wins, like torch.argmax).
+        second = tl.maximum(tl.minimum(best, cmax), tl.maximum(second, c2))
+        idx = tl.where(cmax > best, carg + c0, idx)
+        best = tl.maximum(best, cmax)
+
+        # Online softmax statistics over the finite entries (bad rows are NaN anyway).
+        zf = tl.where(zp == float("inf"), ninf, zp)
+        mn = tl.maximum(mr, tl.max(zf, axis=1))
+        alpha = tl.where(mr == ninf, 0.0, tl.exp(mr - mn))
+        d = zf - mn[:, None]
+        e = tl.where(zf != ninf, tl.exp(d), 0.0)
+        ed = tl.where(e > 0, e * d, 0.0)
+        # Rescale: sum e'(d + mr - mn) with e' = alpha e; s == 0 while nothing finite
+        # has been seen (0 * -inf would be NaN).
+        t = tl.where(s > 0, alpha * (t + s * (mr - mn)), 0.0) + tl.sum(ed, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        mr = mn
+
+    nan = float("nan")
+    h = tl.log(s) - t / s
+    h = tl.where(h < 0, 0.0, h)
+    h = tl.where(bad | (best == ninf), nan, h)
+    e2 = tl.exp(second - best)
+    score = _score(h, s, e2, CRITERION)
+    if LAST:
+        leave = rmask
+    else:
+        leave = rmask & (score < threshold)
+
+    orow = tl.load(rows_ptr + r * s_rows, mask=rmask, other=0)
+    # Second read, leaving rows only: the copy-out.
+    for c0 in range(0, C, CHUNK):
+        cc = c0 + col
+        m2 = leave[:, None] & (cc < C)[None, :]
+        raw = tl.load(logits_ptr + r[:, None] * sl_k + cc[None, :] * sl_c, mask=m2, other=0.0)
+        tl.store(out_logits_ptr + orow[:, None] * so_k + cc[None, :] * so_c, raw, mask=m2)
+    _write_and_compact(r, rmask, orow, leave, idx, h, exit_index,
+                       out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
+                       surv_ptr, surv_rows_ptr, count_ptr, LAST)
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensors' one.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _tile_warps(tile: int) -> int:
+    # About 32 fp32 values of the tile per thread: 8 warps for the 8K target, 16 for the
+    # single 16K-wide rows that would spill at 8 warps.
+    return max(1, min(16, tile // 1024))
+
+
+def exit_step_triton(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    threshold: float,
+    criterion: int,
+    exit_index: int,
+    last: bool,
+    out_logits: torch.Tensor,
+    out_pred: torch.Tensor,
+    out_exit: torch.Tensor,
+    out_entropy: torch.Tensor,
+):
+    """The exit op in one Triton launch. Same contract as
+    :func:`branchynet.ops.exit_step` (criterion as its integer id), which validates the
+    arguments; this launcher only checks what the kernel itself relies on.
+
+    Returns:
+        ``(survivors [K] int64, survivor_rows [K] int64, count [1] int64)`` on the device;
+        the survivors' order is whatever order the programs' atomics ran in.
+    """
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must have shape [K, C] with C >= 1, got {tuple(logits.shape)}")
+    if criterion not in (0, 1, 2):
+        raise ValueError(f"criterion id must be 0, 1 or 2, got {criterion}")
+    k, c = logits.shape
+    dev = logits.device
+    survivors = torch.empty(k, dtype=torch.int64, device=dev)
+    survivor_rows = torch.empty(k, dtype=torch.int64, device=dev)
+    # The count is the atomic counter: zeroed on the device (a memset, no host sync).
+    count = torch.zeros(1, dtype=torch.int64, device=dev)
+    if k == 0:
+        return survivors, survivor_rows, count
+
+    # Strided access: a non-contiguous view is read in place, never copied first.
+    args = (
+        logits, logits.stride(0), logits.stride(1),
+        rows, rows.stride(0),
+        out_logits, out_logits.stride(0), out_logits.stride(1),
+        out_pred, out_pred.stride(0), out_exit, out_exit.stride(0),
+        out_entropy, out_entropy.stride(0),
+        survivors, survivor_rows, count,
+        k, c, float(threshold), int(exit_index),
+    )
+    with _device_guard(logits):
+        if c <= MAX_TILE_C:
+            block_c = triton.next_power_of_2(c)
+            rows_per = max(1, min(TILE_ELEMS // block_c, MAX_ROWS, triton.next_power_of_2(k)))
+            tile = rows_per * block_c
+            grid = (triton.cdiv(k, rows_per),)
+            _exit_step_tile_kernel[grid](
+                *args, CRITERION=int(criterion), LAST=bool(last),
+                ROWS=rows_per, BLOCK_C=block_c,
+                num_warps=_tile_warps(tile),
+            )
+        else:
+            chunk = triton.next_power_of_2(min(CHUNK_C, c))
+            rows_per = max(1, min(TILE_ELEMS // 2 // chunk, triton.next_power_of_2(k)))
+            grid = (triton.cdiv(k, rows_per),)
+            _exit_step_chunked_kernel[grid](
+                *args, CRITERION=int(criterion), LAST=bool(last),
+                ROWS=rows_per, CHUNK=chunk, num_warps=8,
+            )
+    return survivors, survivor_rows, count
+
+
+# --- gather ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, M, N,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    i = pid_m.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    j = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    imask = i < M
+    src_row = tl.load(idx_ptr + i, mask=imask, other=0)
+    mask = imask[:, None] & (j < N)[None, :]
+    v = tl.load(src_ptr + src_row[:, None] * N + j[None, :], mask=mask)
+    tl.store(dst_ptr + i[:, None] * N + j[None, :], v, mask=mask)
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _dense_sample_strides(t: torch.Tensor):
+    """Strides of ``t`` if each sample ``t[i]`` is one dense block of ``N`` elements at
+    offset ``i * N`` (contiguous, channels_last, channels_last_3d, ...), else None."""
+    n = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape[1:], t.stride()[1:]) if sz != 1),
+                               key=lambda p: p[1]):
+        if stride != n:
+            return None
+        n *= size
+    if t.shape[0] > 1 and t.stride(0) != n:
+        return None
+    return (n,) + tuple(t.stride()[1:])
+
+
+def gather_rows_triton(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``features.index_select(0, index)`` as one Triton copy of whole per-sample blocks.
+
+    Args:
+        features: [K, ...] any dtype; contiguous, channels_last or any layout whose
+            samples are dense blocks (others are made contiguous first).
+        index: [M] int64 in ``[0, K)`` (not checked: that would need a host sync).
+
+    Returns:
+        [M, ...] with the same per-sample layout as ``features`` (channels_last stays
+        channels_last), bitwise equal to ``index_select``.
+    """
+    strides = _dense_sample_strides(features)
+    if strides is None:
+        features = features.contiguous()
+        strides = _dense_sample_strides(features)
+    m = index.shape[0]
+    n = strides[0]
+    out = torch.empty_strided((m,) + tuple(features.shape[1:]), strides,
+                              dtype=features.dtype, device=features.device)
+    if m == 0 or n == 0:
+        return out
+    # [K, N] / [M, N] views of the storage, as same-width integers: a bitwise copy for
+    # every dtype (bool, complex, fp8) and NaN payloads kept.
+    k = features.shape[0]
+    size = features.element_size()
+    src = features.as_strided((k, n), (n, 1))
+    dst = out.as_strided((m, n), (n, 1))
+    if size in _INT_OF_SIZE:
+        src, dst = src.view(_INT_OF_SIZE[size]), dst.view(_INT_OF_SIZE[size])
+    else:
+        src, dst = src.view(torch.uint8), dst.view(torch.uint8)
+        n *= size
+    # ~16 KB per program of the widest rows; many short rows per program otherwise.
+    block_n = min(triton.next_power_of_2(n), 4096)
+    rows_per = max(1, min(4096 // block_n, triton.next_power_of_2(m)))
+    grid = (triton.cdiv(m, rows_per), triton.cdiv(n, block_n))
+    with _device_guard(features):
+        _gather_rows_kernel[grid](src, index.contiguous(), dst, m, n,
+                                  ROWS=rows_per, BLOCK_N=block_n, num_warps=4)
+    return out
