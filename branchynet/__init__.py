@@ -9,11 +9,13 @@ from .exits import entropy, exit_scores
 from .loss import joint_loss
 from .models import BranchyNet, from_sequential, from_stages
 from .engine import EarlyExitEngine, ExitResult
+from .checkpoint import CheckpointError, load_checkpoint, load_engine, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BranchyNet",
+    "CheckpointError",
     "CRITERIA",
     "EarlyExitEngine",
     "ExitConfig",
@@ -23,4 +25,7 @@ __all__ = [
     "from_sequential",
     "from_stages",
     "joint_loss",
+    "load_checkpoint",
+    "load_engine",
+    "save_checkpoint",
 ]

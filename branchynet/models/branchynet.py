@@ -27,7 +27,7 @@ class BranchyNet(nn.Module):
             engine check inputs and FLOP counting build an example.
         num_classes: C, if known.
         arch: name and keyword arguments of the factory that built the model, kept in
-            checkpoints so :func:`branchynet.load` can rebuild it.
+            checkpoints so :func:`branchynet.load_checkpoint` can rebuild it.
 
     Shapes:
         input [B, *input_shape] -> list of N tensors [B, C].
