@@ -1,10 +1,71 @@
 """Build script. The package is pure Python; the CUDA extension ``branchynet._C`` is
 built only where a CUDA torch and a CUDA toolkit are present (see csrc/)."""
 
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"]
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
+
+
+# --- the compiled extension branchynet._C ------------------------------------------------
+#
+# CUDA build: torch importable, torch.version.cuda set and a CUDA toolkit found
+#   (CUDA_HOME): csrc/exit_step.cpp + csrc/cuda/exit_step.cu, archs from
+#   BRANCHYNET_CUDA_ARCH (default "8.0;9.0") unless TORCH_CUDA_ARCH_LIST is set.
+# CPU build: torch importable, no CUDA: csrc/exit_step.cpp only. It registers the ops with
+#   CPU kernels so schema, fakes and opcheck are tested without a GPU. Optional: a compile
+#   failure is a warning, the package works without it.
+# No build: BRANCHYNET_SKIP_EXT=1, or no torch at build time (pip's isolated build
+#   environment has none: `pip install --no-build-isolation .` builds the extension).
+
+
+def _note(msg):
+    print(f"branchynet setup: {msg}", file=sys.stderr)
+
+
+def _extension():
+    """(ext_modules, cmdclass) for this machine; never raises for a missing torch or CUDA."""
+    if os.environ.get("BRANCHYNET_SKIP_EXT", "0") not in ("", "0"):
+        _note("BRANCHYNET_SKIP_EXT is set: building no extension (the PyTorch backend is used)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as err:  # ImportError, or a broken torch install
+        _note(f"torch is not importable at build time ({type(err).__name__}: {err}): building no "
+              "extension. To build branchynet._C against your torch, run "
+              "`pip install --no-build-isolation .`")
+        return [], {}
+
+    sources = ["csrc/exit_step.cpp"]
+    cxx = ["-O3"]
+    macros = []
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("BRANCHYNET_CUDA_ARCH", "8.0;9.0"))
+        sources.append("csrc/cuda/exit_step.cu")
+        macros.append(("BRANCHYNET_WITH_CUDA", None))
+        # No --use_fast_math: exp/log must stay accurate near the thresholds, and -ftz
+        # would flush the tiny probabilities the entropy sums.
+        ext = cpp_extension.CUDAExtension(
+            "branchynet._C", sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+        _note(f"building branchynet._C with CUDA {torch.version.cuda} for "
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        why = "torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
+        ext = cpp_extension.CppExtension(
+            "branchynet._C", sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx}, optional=True)
+        _note(f"{why}: building branchynet._C with CPU kernels only")
+    build = cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())
+    return [ext], {"build_ext": build}
+
+
+EXT_MODULES, CMDCLASS = _extension()
 
 setup(
     name="branchynet",
@@ -21,4 +82,6 @@ setup(
         "test": TEST + DEMO,
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

@@ -45,6 +45,9 @@ _EXT = None
 _EXT_ERROR: str | None = None
 try:  # the compiled extension registers torch.ops.branchynet.* on import
     from .. import _C as _EXT  # type: ignore[attr-defined, no-redef]
+    from ._fake import register as _register_fakes
+
+    _register_fakes()  # shapes for torch.compile / FakeTensor tracing of the compiled ops
 except Exception as err:  # ImportError, or an ABI mismatch with this torch
     _EXT_ERROR = f"{type(err).__name__}: {err}"
     log.debug("branchynet._C not available (%s); the cuda backend is off", _EXT_ERROR)

@@ -1,0 +1,269 @@
+// The branchynet op library: schemas (once, here), the CPU kernels, and the import-only
+// Python module `branchynet._C`.
+//
+// Importing `branchynet._C` runs the TORCH_LIBRARY registrations below (and those of
+// csrc/cuda/exit_step.cu in a CUDA build), which makes torch.ops.branchynet.* real
+// dispatcher ops: torch.compile sees them through the fakes of branchynet/ops/_fake.py.
+// The module itself only exposes has_cuda().
+//
+// The CPU kernels exist so that the registration (schema, fake, opcheck, torch.compile)
+// is tested on machines without a GPU; branchynet.ops still runs the PyTorch reference on
+// the CPU. Their math mirrors csrc/cuda/exit_step.cu term by term.
+
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+namespace branchynet {
+namespace {
+
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
+    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t criterion,
+    int64_t exit_index, bool last, const at::Tensor& out_logits, const at::Tensor& out_pred,
+    const at::Tensor& out_exit, const at::Tensor& out_entropy) {
+  TORCH_CHECK(logits.device().is_cpu(), "branchynet::exit_step (CPU): logits must be on the CPU");
+  TORCH_CHECK(logits.dim() == 2, "exit_step: logits must be [K, C], got rank ", logits.dim());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "exit_step: logits must be float32, float16, bfloat16 or float64, got ", dtype);
+  const int64_t K = logits.size(0);
+  const int64_t C = logits.size(1);
+  TORCH_CHECK(C >= 1, "exit_step: logits need at least one class");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == K,
+              "exit_step: rows must be int64 [", K, "], got ", rows.scalar_type(), " ", rows.sizes());
+  TORCH_CHECK(out_logits.dim() == 2 && out_logits.size(1) == C && out_logits.scalar_type() == dtype,
+              "exit_step: out_logits must be [B, ", C, "] of the logits' dtype, got ",
+              out_logits.scalar_type(), " ", out_logits.sizes());
+  TORCH_CHECK(out_logits.is_contiguous(), "exit_step: out_logits must be contiguous");
+  const int64_t B = out_logits.size(0);
+  TORCH_CHECK(out_pred.scalar_type() == at::kLong && out_pred.dim() == 1 && out_pred.size(0) == B,
+              "exit_step: out_pred must be int64 [", B, "]");
+  TORCH_CHECK(out_exit.scalar_type() == at::kLong && out_exit.dim() == 1 && out_exit.size(0) == B,
+              "exit_step: out_exit must be int64 [", B, "]");
+  TORCH_CHECK(out_entropy.scalar_type() == at::kFloat && out_entropy.dim() == 1 && out_entropy.size(0) == B,
+              "exit_step: out_entropy must be float32 [", B, "]");
+  for (const at::Tensor* t : {&rows, &out_logits, &out_pred, &out_exit, &out_entropy}) {
+    TORCH_CHECK(t->device() == logits.device(), "exit_step: all tensors must be on ", logits.device(),
+                ", got one on ", t->device());
+  }
+  TORCH_CHECK(criterion >= 0 && criterion <= 2, "exit_step: criterion must be 0, 1 or 2, got ", criterion);
+  TORCH_CHECK(!std::isnan(threshold), "exit_step: threshold is NaN");
+
+  const at::Tensor z = logits.contiguous();
+  const at::Tensor r = rows.contiguous();
+  const int64_t* rp = r.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < B, "exit_step: rows[", i, "] = ", rp[i], " is out of range for B = ", B);
+  }
+  at::Tensor survivors = at::empty({K}, r.options());
+  at::Tensor survivor_rows = at::empty({K}, r.options());
+  at::Tensor count = at::empty({1}, r.options());
+  std::vector<uint8_t> leave(static_cast<size_t>(K), 0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "branchynet_exit_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* ol = out_logits.mutable_data_ptr<scalar_t>();
+    int64_t* op = out_pred.mutable_data_ptr<int64_t>();
+    int64_t* oe = out_exit.mutable_data_ptr<int64_t>();
+    float* oh = out_entropy.mutable_data_ptr<float>();
+    const int64_t sp = out_pred.stride(0), se = out_exit.stride(0), sh = out_entropy.stride(0);
+    const acc_t thr = static_cast<acc_t>(threshold);
+    const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    at::parallel_for(0, K, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row = zp + i * C;
+        // Pass 1: NaN-propagating max; argmax with NaN as +inf, first index on ties.
+        acc_t m = -inf, best = -inf;
+        int64_t arg = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t x = static_cast<acc_t>(row[c]);
+          m = nan_max(m, x);
+          const acc_t key = std::isnan(x) ? inf : x;
+          if (c == 0 || key > best) {
+            best = key;
+            arg = c;
+          }
+        }
+        // Pass 2: S, sum e*d over e > 0, top two e. The sums run in double: a sequential
+        // fp32 sum over C = 4099 terms errs ~100x more than torch's pairwise sum (the
+        // GPU's per-lane + tree sums do not have this problem).
+        double s = 0, t = 0;
+        acc_t e1 = 0, e2 = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(row[c]) - m;
+          const acc_t e = std::exp(d);
+          s += static_cast<double>(e);
+          if (e > acc_t(0)) t += static_cast<double>(e * d);
+          if (e > e1) {
+            e2 = e1;
+            e1 = e;
+          } else if (e > e2) {
+            e2 = e;
+          }
+        }
+        const acc_t sum = static_cast<acc_t>(s);
+        acc_t h = static_cast<acc_t>(std::log(s) - t / s);
+        if (h < acc_t(0)) h = acc_t(0);
+        acc_t score = h;
+        if (criterion == 1) score = acc_t(1) - e1 / sum;
+        else if (criterion == 2) score = acc_t(1) - (e1 / sum - e2 / sum);
+        if (std::isnan(h)) score = h;
+        if (!(last || score < thr)) continue;
+        leave[i] = 1;
+        const int64_t ri = rp[i];
+        std::memcpy(ol + ri * C, row, static_cast<size_t>(C) * sizeof(scalar_t));
+        op[ri * sp] = arg;
+        oe[ri * se] = exit_index;
+        oh[ri * sh] = static_cast<float>(h);
+      }
+    });
+  });
+
+  // Serial compaction in input order (the order of the PyTorch oracle), leavers after
+  // the survivors: `survivors` is a permutation of 0..K-1, fully deterministic.
+  int64_t* sv = survivors.mutable_data_ptr<int64_t>();
+  int64_t* sr = survivor_rows.mutable_data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    if (!leave[i]) {
+      sv[n] = i;
+      sr[n] = rp[i];
+      ++n;
+    }
+  }
+  int64_t tail = n;
+  for (int64_t i = 0; i < K; ++i) {
+    if (leave[i]) {
+      sv[tail] = i;
+      sr[tail] = rp[i];
+      ++tail;
+    }
+  }
+  count.mutable_data_ptr<int64_t>()[0] = n;
+  return {survivors, survivor_rows, count};
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& features, const at::Tensor& index) {
+  TORCH_CHECK(features.device().is_cpu(), "branchynet::gather_rows (CPU): features must be on the CPU");
+  TORCH_CHECK(features.dim() >= 1, "gather_rows: features need a batch dimension");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1,
+              "gather_rows: index must be a 1-D int64 tensor, got ", index.scalar_type(), " ", index.sizes());
+  TORCH_CHECK(index.device() == features.device(), "gather_rows: index is on ", index.device(),
+              " but features are on ", features.device());
+  // Same rule as the oracle and the CUDA kernel: channels_last 4-D stays channels_last.
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+  at::Tensor src = features;
+  if (!features.is_contiguous()) {
+    if (features.dim() == 4 && features.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      fmt = at::MemoryFormat::ChannelsLast;
+    } else {
+      src = features.contiguous();
+    }
+  }
+  const at::Tensor idx = index.contiguous();
+  const int64_t M = idx.size(0);
+  const int64_t K = src.size(0);
+  std::vector<int64_t> sizes = src.sizes().vec();
+  sizes[0] = M;
+  at::Tensor out = at::empty(sizes, src.options().memory_format(fmt));
+  int64_t inner = 1;
+  for (size_t d = 1; d < sizes.size(); ++d) inner *= sizes[d];
+  const int64_t row_bytes = inner * static_cast<int64_t>(src.element_size());
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < M; ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < K, "gather_rows: index[", j, "] = ", ip[j], " is out of range for ", K, " rows");
+  }
+  if (M == 0 || row_bytes == 0) return out;
+  const char* s = static_cast<const char*>(src.const_data_ptr());
+  char* d = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      std::memcpy(d + j * row_bytes, s + ip[j] * row_bytes, static_cast<size_t>(row_bytes));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace branchynet
+
+TORCH_LIBRARY(branchynet, m) {
+  // out_* are written in place (only at the rows that leave); the three returns are new.
+  m.def(
+      "exit_step(Tensor logits, Tensor rows, float threshold, int criterion, int exit_index, "
+      "bool last, Tensor(a!) out_logits, Tensor(b!) out_pred, Tensor(c!) out_exit, "
+      "Tensor(d!) out_entropy) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_rows(Tensor features, Tensor index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(branchynet, CPU, m) {
+  m.impl("exit_step", &branchynet::exit_step_cpu);
+  m.impl("gather_rows", &branchynet::gather_rows_cpu);
+}
+
+// ---- the Python module: import-only, plus has_cuda() ------------------------------------
+//
+// Plain CPython API instead of pybind11: the module has one function, and this keeps
+// torch/extension.h (and its compile time) out of the build.
+
+namespace {
+
+PyObject* has_cuda(PyObject* /*self*/, PyObject* /*args*/) {
+#ifdef BRANCHYNET_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef kMethods[] = {
+    {"has_cuda", has_cuda, METH_NOARGS,
+     "True when this build registered the CUDA kernels of torch.ops.branchynet.*."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+#define BRANCHYNET_STR_(x) #x
+#define BRANCHYNET_STR(x) BRANCHYNET_STR_(x)
+#define BRANCHYNET_CAT_(a, b) a##b
+#define BRANCHYNET_CAT(a, b) BRANCHYNET_CAT_(a, b)
+
+PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT,
+    BRANCHYNET_STR(TORCH_EXTENSION_NAME),
+    "Compiled branchynet ops; importing this module registers torch.ops.branchynet.*.",
+    -1,
+    kMethods,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC BRANCHYNET_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return PyModule_Create(&kModule);
+}
