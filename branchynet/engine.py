@@ -57,8 +57,8 @@ class EarlyExitEngine:
         thresholds: ``T_1 .. T_{N-1}`` for the side branches (default: the model's
             ``exit_config.thresholds``). Each >= 0; a sample leaves at exit n when its
             score is strictly below ``T_n``.
-        backend: exit-op backend, ``"auto"`` (cuda > triton > torch for the input's
-            device), ``"cuda"``, ``"triton"`` or ``"torch"``.
+        backend: exit-op backend, ``"auto"`` (cuda > triton > torch on a GPU, cpp > torch
+            on the CPU), ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
         criterion: ``"entropy"`` (the paper's), ``"max_prob"`` or ``"margin"``
             (default: the model's ``exit_config.criterion``).
 

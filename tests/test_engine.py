@@ -9,6 +9,12 @@ from torch import nn
 
 import branchynet as bn
 from branchynet import EarlyExitEngine, ExitConfig, entropy
+from branchynet.ops import available_backends
+
+# every backend that can run here: torch, cpp (when the extension is built), triton
+# (under TRITON_INTERPRET=1 on the CPU; tests/conftest.py sets it without a GPU)
+BACKENDS = available_backends("cpu")
+F64_BACKENDS = [b for b in BACKENDS if b != "triton"]  # Triton kernels take fp32/16/bf16
 
 
 def random_model(seed, num_exits=3, classes=6, width=12, dtype=torch.float64):
@@ -62,23 +68,25 @@ def check_against_rule(model, x, thresholds, backend="torch"):
     return res
 
 
+@pytest.mark.parametrize("backend", F64_BACKENDS)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("b", [1, 7, 64])
-def test_engine_equals_per_sample_rule(seed, b):
+def test_engine_equals_per_sample_rule(seed, b, backend):
     model = random_model(seed, num_exits=2 + seed % 3)
     g = torch.Generator().manual_seed(100 + seed)
     x = torch.randn(b, 12, generator=g, dtype=torch.float64)
     # thresholds spread over [0, log C] so that mixed exit patterns occur
     t = (torch.rand(model.num_exits - 1, generator=g) * math.log(6)).tolist()
-    check_against_rule(model, x, t)
+    check_against_rule(model, x, t, backend)
 
 
-def test_nobody_exits_and_everybody_exits_first():
+@pytest.mark.parametrize("backend", F64_BACKENDS)
+def test_nobody_exits_and_everybody_exits_first(backend):
     model = random_model(1, num_exits=3)
     x = torch.randn(33, 12, dtype=torch.float64)
-    res = check_against_rule(model, x, [0.0, 0.0])
+    res = check_against_rule(model, x, [0.0, 0.0], backend)
     assert res.counts == [0, 0, 33]
-    res = check_against_rule(model, x, [10.0, 0.0])  # log 6 < 10: all leave at exit 0
+    res = check_against_rule(model, x, [10.0, 0.0], backend)  # log 6 < 10: all leave at exit 0
     assert res.counts == [33, 0, 0]
     assert (res.exit == 0).all()
 
@@ -115,7 +123,8 @@ def test_deeper_stages_see_only_survivors():
     assert 0 < res.counts[0] < 50  # the thresholds make a mixed pattern here
 
 
-def test_engine_on_conv_model_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_on_conv_model_float32(backend):
     # A float32 conv model: compare to the rule with thresholds placed half-way
     # between observed entropies, so fp32 rounding cannot flip a decision.
     torch.manual_seed(0)
@@ -125,12 +134,25 @@ def test_engine_on_conv_model_float32():
     with torch.no_grad():
         h0 = entropy(model(x)[0]).sort().values
     t = float((h0[9] + h0[10]) / 2)
-    res = check_against_rule_f32(model, x, [t])
+    res = check_against_rule_f32(model, x, [t], backend)
     assert res.counts[0] == 10
 
 
-def check_against_rule_f32(model, x, thresholds):
-    res = EarlyExitEngine(model, thresholds)(x)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_float32_three_exits_all_backends(backend):
+    model = random_model(7, num_exits=3, dtype=torch.float32).eval()
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        outs = model(x)
+    h0 = entropy(outs[0]).sort().values
+    h1 = entropy(outs[1]).sort().values
+    t = [float((h0[20] + h0[21]) / 2), float((h1[31] + h1[32]) / 2)]
+    res = check_against_rule_f32(model, x, t, backend)
+    assert res.counts[0] == 21 and sum(res.counts) == 64
+
+
+def check_against_rule_f32(model, x, thresholds, backend="auto"):
+    res = EarlyExitEngine(model, thresholds, backend=backend)(x)
     want = rule_by_hand(model, x, thresholds)
     for i, (n, pred, ent, z) in enumerate(want):
         assert res.exit[i].item() == n and res.pred[i].item() == pred
@@ -138,17 +160,18 @@ def check_against_rule_f32(model, x, thresholds):
     return res
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     b=st.integers(0, 70),
     num_exits=st.integers(1, 4),
     t=st.lists(st.floats(0.0, 2.0), min_size=3, max_size=3),
 )
-def test_every_row_answered_exactly_once(seed, b, num_exits, t):
+def test_every_row_answered_exactly_once(backend, seed, b, num_exits, t):
     model = random_model(seed, num_exits=num_exits, dtype=torch.float32)
     thresholds = t[: num_exits - 1]
-    eng = EarlyExitEngine(model, thresholds)
+    eng = EarlyExitEngine(model, thresholds, backend=backend)
     x = torch.randn(b, 12, generator=torch.Generator().manual_seed(seed))
     res = eng(x)
     assert sum(res.counts) == b

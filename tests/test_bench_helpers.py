@@ -1,0 +1,231 @@
+"""The benchmark helpers (benchmarks/profiles.py) and report (benchmarks/report.py)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import branchynet as bn
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import profiles as P  # noqa: E402
+import report as R  # noqa: E402
+
+
+def mlp_model(seed=0, num_exits=3, width=16, classes=10):
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(num_exits)]
+    branches = [nn.Linear(width, classes) for _ in range(num_exits)]
+    with torch.no_grad():
+        for b in branches:
+            b.weight.mul_(4.0)  # entropies spread over (0, log C)
+    return bn.from_stages(stages, branches, input_shape=(width,), num_classes=classes).eval()
+
+
+@pytest.mark.parametrize("fractions", [
+    [0.415, 0.138, 0.447], [0.656, 0.252, 0.092], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.2, 0.0, 0.8],
+])
+@pytest.mark.parametrize("m", [500, 1024])
+def test_thresholds_realise_the_profile(fractions, m):
+    model = mlp_model()
+    x = P.make_pool(model, m)
+    pt = P.thresholds_for_profile(model, x, fractions)
+    assert len(pt.thresholds) == 2 and all(t >= 0 for t in pt.thresholds)
+    for got, want in zip(pt.realised, fractions):
+        assert abs(got - want) <= 1.0 / m + 1e-12, (pt.realised, fractions)
+    # The engine's exits per sample agree with its fractions.
+    counts = torch.bincount(pt.exits, minlength=3).tolist()
+    assert [c / m for c in counts] == pytest.approx(pt.realised)
+    if fractions[0] == 1.0:
+        assert pt.exits.eq(0).all()
+    if fractions[-1] == 1.0:
+        assert pt.thresholds == [0.0, 0.0]
+
+
+def test_thresholds_paper_profile_b_lenet():
+    model = P.make_model("b_lenet")
+    x = P.make_pool(model, 256)
+    pt = P.thresholds_for_profile(model, x, P.PAPER_PROFILES["b_lenet"])
+    assert pt.realised == pytest.approx([0.943, 0.057], abs=1 / 256)
+    res = bn.EarlyExitEngine(model, thresholds=pt.thresholds, backend="torch")(x)
+    assert res.exit_fractions == pytest.approx(pt.realised)
+
+
+def test_thresholds_with_tied_entropies():
+    # A first branch that ignores its input: every exit-0 entropy is the same number, so
+    # the pool cannot be split there; the nearest achievable split is taken.
+    model = mlp_model()
+    with torch.no_grad():
+        model.branches[0].weight.zero_()
+    x = P.make_pool(model, 200)
+    pt = P.thresholds_for_profile(model, x, [0.3, 0.3, 0.4])
+    assert pt.realised[0] in (0.0, 1.0)
+    assert sum(pt.realised) == pytest.approx(1.0)
+    if pt.realised[0] == 0.0:  # the shortfall moves on to exit 1
+        assert pt.realised[1] == pytest.approx(0.6, abs=1 / 200)
+
+
+def test_split_threshold_float32_and_adjacent_values():
+    import numpy as np
+
+    h = np.array([0.5, 1.0, 1.0, 2.0], dtype=np.float32)
+    t, got = P.split_threshold(h, 1)
+    assert got == 1 and 0.5 < t <= 1.0 and np.float32(t) == t
+    t, got = P.split_threshold(h, 2)  # tie at 1.0: the nearest split is 1 or 3
+    assert got in (1, 3)
+    a = np.float32(1.0)
+    b = np.nextafter(a, np.float32(2))
+    t, got = P.split_threshold(np.array([a, b], dtype=np.float32), 1)
+    assert got == 1 and (np.array([a, b]) < np.float32(t)).sum() == 1
+    assert P.split_threshold(h, 0) == (0.0, 0)
+    t, got = P.split_threshold(h, 4)
+    assert got == 4 and t > 2.0
+
+
+def test_batch_cycler_cycles_and_resets():
+    x = torch.arange(10).float().reshape(10, 1)
+    c = P.BatchCycler(x, 3)
+    assert c.num_batches == 3
+    seen = [c()[:, 0].tolist() for _ in range(4)]
+    assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2]]
+    assert c.served_rows().tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]
+    c.reset()
+    assert c()[:, 0].tolist() == [0, 1, 2]
+    one = P.BatchCycler(x, 1)
+    assert [int(one()) for _ in range(12)] == list(range(10)) + [0, 1]
+    with pytest.raises(ValueError):
+        P.BatchCycler(x, 11)
+
+
+def test_batch_cycler_with_order_and_stratified_windows():
+    exits = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    order = P.stratified_order(exits, 3)
+    assert sorted(order.tolist()) == list(range(100))
+    x = torch.arange(100).float().reshape(100, 1)
+    c = P.BatchCycler(x, 10, order=order)
+    for _ in range(10):
+        rows = c()[:, 0].long()
+        counts = torch.bincount(exits[rows], minlength=3).tolist()
+        assert all(abs(got - want) <= 1 for got, want in zip(counts, [6, 3, 1])), counts
+    assert torch.equal(c.served_rows(), order)
+
+
+def test_rounds_and_bytes():
+    assert P.choose_rounds(0.01, 1.0, min_rounds=3, max_rounds=1000) == 100
+    assert P.choose_rounds(1.0, 1.0, min_rounds=3, max_rounds=1000) == 3
+    assert P.choose_rounds(1e-6, 1.0, min_rounds=3, max_rounds=1000) == 1000
+    assert P.choose_rounds(0.01, 1.0, min_rounds=3, max_rounds=1000, cycle=32) == 96
+    assert P.choose_rounds(0.1, 1.0, min_rounds=3, max_rounds=1000, cycle=32) == 10
+    by = P.exit_op_bytes(64, 10, 32)
+    assert by["logits_read"] == 64 * 10 * 4 and by["rows_read"] == 64 * 8
+    assert by["exit_rows_write"] == 32 * (40 + 20) and by["survivor_index_write"] == 32 * 16 + 8
+    assert by["total"] == sum(v for k, v in by.items() if k != "total")
+
+
+def test_grid_cpu_default_and_full():
+    cpu = P.engine_cases("cpu", full=False)
+    assert ("b_resnet110", 256, "paper") not in cpu and ("b_resnet110", 64, "paper") in cpu
+    assert ("b_lenet", 64, "all_exit") in cpu and ("b_lenet", 8, "all_exit") not in cpu
+    assert len(P.engine_cases("cpu", full=True)) == 3 * 5 * 3
+    provs = P.engine_providers("cpu", 8)
+    assert provs[0] == "backbone_eager" and "naive" in provs and "per_sample" in provs
+    assert "engine_torch" in provs and "engine_triton" not in provs and "backbone_cudagraph" not in provs
+    assert "per_sample" not in P.engine_providers("cpu", 64)
+    assert P.profile_fractions("b_alexnet", "none_exit", 3) == [0.0, 0.0, 1.0]
+    for name, f in P.PAPER_PROFILES.items():
+        assert sum(f) == pytest.approx(1.0)
+
+
+# --- report -----------------------------------------------------------------------------
+
+def _bench(group, name, median, extra, q1=None, q3=None):
+    q1 = median if q1 is None else q1
+    q3 = median if q3 is None else q3
+    return {"group": group, "name": name, "fullname": f"x::{name}", "extra_info": extra,
+            "stats": {"median": median, "q1": q1, "q3": q3, "iqr": q3 - q1, "mean": median}}
+
+
+def fake_json():
+    def eng(b, prov, median, ideal=None, realised=None, profile="paper"):
+        ei = {"suite": "engine", "model": "b_lenet", "batch": b, "profile": profile,
+              "provider": prov, "device": "cpu", "samples_per_call": b,
+              "ideal_speedup": ideal, "realised_fractions": realised,
+              "target_fractions": [0.943, 0.057], "pool_fractions": [0.943, 0.057]}
+        return _bench(f"b_lenet|B={b}|{profile}", prov, median, ei, q1=0.9 * median, q3=1.1 * median)
+
+    def op(b, c, prov, median, moved):
+        ei = {"suite": "exit_op", "batch": b, "classes": c, "provider": prov, "device": "cpu",
+              "bytes_moved": moved, "samples_per_call": 1}
+        return _bench(f"exit_op|B={b}|C={c}", prov, median, ei)
+
+    return {
+        "machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}, "torch": "2.x", "triton": None,
+                         "gpu": "Fake GPU", "driver_version": "999.1"},
+        "commit_info": {"id": "abc123", "branch": "main", "dirty": False, "time": "t"},
+        "datetime": "now",
+        "benchmarks": [
+            # B = 1: backbone 1 ms/call; engine 0.5 ms -> 2x; ideal 4x -> 50 %.
+            eng(1, "backbone_eager", 1e-3),
+            eng(1, "engine_torch", 0.5e-3, ideal=4.0, realised=[0.9, 0.1]),
+            eng(1, "naive", 2e-3, ideal=4.0, realised=[0.9, 0.1]),
+            eng(1, "per_sample", 1e-3, ideal=4.0, realised=[0.9, 0.1]),
+            # B = 64: 32 ms/call = 0.5 ms/sample; engine 8 ms/call -> 4x, ideal 4 -> 100 %.
+            eng(64, "backbone_eager", 32e-3),
+            eng(64, "engine_torch", 8e-3, ideal=4.0, realised=[0.9, 0.1]),
+            # all-exit group without its own backbone: uses the paper group's (same B).
+            eng(64, "engine_torch", 4e-3, ideal=5.0, realised=[1.0, 0.0], profile="all_exit"),
+            op(1024, 10, "op_eager", 100e-6, 1e6),
+            op(1024, 10, "op_triton", 10e-6, 1e6),
+            op(1024, 10, "copy", 5e-6, 1e6),
+        ],
+    }
+
+
+def test_report_engine_rows():
+    rows = {(r["profile"], r["batch"], r["provider"]): r for r in R.engine_rows(fake_json())}
+    assert rows[("paper", 1, "backbone_eager")]["ms_per_sample"] == pytest.approx(1.0)
+    assert rows[("paper", 64, "backbone_eager")]["ms_per_sample"] == pytest.approx(0.5)
+    e1 = rows[("paper", 1, "engine_torch")]
+    assert e1["speedup"] == pytest.approx(2.0) and e1["efficiency"] == pytest.approx(0.5)
+    assert e1["iqr_pct"] == pytest.approx(20.0)
+    assert rows[("paper", 1, "naive")]["speedup"] == pytest.approx(0.5)
+    e64 = rows[("paper", 64, "engine_torch")]
+    assert e64["speedup"] == pytest.approx(4.0) and e64["efficiency"] == pytest.approx(1.0)
+    ea = rows[("all_exit", 64, "engine_torch")]
+    assert ea["speedup"] == pytest.approx(8.0) and ea["efficiency"] == pytest.approx(1.6)
+    assert rows[("paper", 1, "backbone_eager")]["efficiency"] is None
+
+
+def test_report_markdown_and_exit_op():
+    data = fake_json()
+    ops = {r["provider"]: r for r in R.exit_op_rows(data)}
+    assert ops["op_triton"]["gbps"] == pytest.approx(100.0)
+    assert ops["copy"]["gbps"] == pytest.approx(200.0)
+    assert ops["op_triton"]["copy_pct"] == pytest.approx(50.0)
+    assert ops["op_triton"]["vs_eager"] == pytest.approx(10.0)
+    assert ops["op_triton"]["vs_compile"] is None
+    md = R.render(data, note="note line")
+    assert "note line" in md and "Fake GPU" in md and "999.1" in md and "abc123" in md
+    assert "| 1 | 1 (20%) |" in md  # B = 1, backbone 1 ms/sample
+    assert "2x" in md and "50%" in md and "4x" in md
+    assert "op_triton vs eager" in md and "10x" in md
+
+
+def test_report_plots_and_cli(tmp_path):
+    import json
+
+    data = fake_json()
+    paths = R.plot(data, tmp_path / "plots")
+    names = sorted(p.name for p in paths)
+    assert names == ["efficiency_b_lenet.png", "exit_op_bandwidth.png", "speedup_b_lenet.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(data))
+    assert R.main([str(src), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# branchynet benchmarks")
+    assert (tmp_path / "out" / "speedup_b_lenet.png").exists()
