@@ -2,7 +2,7 @@ import os
 
 # Triton kernels run on the CPU under the interpreter when there is no GPU. The flag is
 # read when the kernels are defined, so it must be set before branchynet is imported.
-if os.environ.get("BRANCHYNET_TEST_GPU") != "1" and "TRITON_INTERPRET" not in os.environ:
+if "TRITON_INTERPRET" not in os.environ:
     import torch
 
     if not torch.cuda.is_available():
@@ -10,7 +10,6 @@ if os.environ.get("BRANCHYNET_TEST_GPU") != "1" and "TRITON_INTERPRET" not in os
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 
 
 def pytest_collection_modifyitems(config, items):
