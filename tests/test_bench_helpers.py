@@ -1,6 +1,5 @@
 """The benchmark helpers (benchmarks/profiles.py) and report (benchmarks/report.py)."""
 
-import math
 import sys
 from pathlib import Path
 
@@ -136,6 +135,9 @@ def test_grid_cpu_default_and_full():
     assert provs[0] == "backbone_eager" and "naive" in provs and "per_sample" in provs
     assert "engine_torch" in provs and "engine_triton" not in provs and "backbone_cudagraph" not in provs
     assert "per_sample" not in P.engine_providers("cpu", 64)
+    ops = P.exit_op_providers("cpu")
+    assert ops[0] == "op_eager" and ops[-1] == "copy"
+    assert "op_triton" not in ops and "op_cuda" not in ops
     assert P.profile_fractions("b_alexnet", "none_exit", 3) == [0.0, 0.0, 1.0]
     for name, f in P.PAPER_PROFILES.items():
         assert sum(f) == pytest.approx(1.0)
