@@ -26,6 +26,20 @@ def _note(msg):
     print(f"branchynet setup: {msg}", file=sys.stderr)
 
 
+def _toolkit_version(cuda_home):
+    """'13.0' from `nvcc --version`, or None if it cannot be read."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def _extension():
     """(ext_modules, cmdclass) for this machine; never raises for a missing torch or CUDA."""
     if os.environ.get("BRANCHYNET_SKIP_EXT", "0") not in ("", "0"):
@@ -44,6 +58,13 @@ def _extension():
     cxx = ["-O3"]
     macros = []
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    toolkit = _toolkit_version(cpp_extension.CUDA_HOME) if with_cuda else None
+    if with_cuda and toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch refuses to build across CUDA major versions (a RuntimeError that would
+        # fail `pip install`): build the CPU kernels instead and say why.
+        _note(f"the CUDA toolkit at {cpp_extension.CUDA_HOME} is {toolkit} but torch was built "
+              f"with CUDA {torch.version.cuda}: building the CPU kernels only")
+        with_cuda = False
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("BRANCHYNET_CUDA_ARCH", "8.0;9.0"))
         sources.append("csrc/cuda/exit_step.cu")
@@ -52,7 +73,8 @@ def _extension():
         # would flush the tiny probabilities the entropy sums.
         ext = cpp_extension.CUDAExtension(
             "branchynet._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            optional=True)  # a failed compile is a warning: the package works without it
         _note(f"building branchynet._C with CUDA {torch.version.cuda} for "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:

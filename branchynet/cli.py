@@ -97,7 +97,7 @@ def run_demo(args) -> dict:
 
     xt, yt = _tensors(splits.test)
     xt, yt = xt.to(device), yt.to(device)
-    engine = EarlyExitEngine(model, thresholds)
+    engine = EarlyExitEngine(model, thresholds, backend=args.backend)
     with torch.inference_mode():
         res = engine(xt)
         acc_b = float((res.pred == yt).float().mean())
@@ -130,6 +130,7 @@ def run_demo(args) -> dict:
         platform.processor() or platform.machine())
     print()
     print(f"Table I on this machine ({device.type}: {dev_name}, {torch.get_num_threads()} threads, "
+          f"exit-op backend {engine._kernels(device)[0]}, "
           f"torch {torch.__version__}); {dataset} test split, {xt.shape[0]} samples; "
           f"times are medians of {args.repeats} runs (B=1 over {n1} samples)")
     print(_markdown(head, rows))
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--time-samples", type=int, default=500, help="samples timed one at a time (B=1)")
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    d.add_argument("--backend", default="auto", help="exit-op backend: auto, cuda, triton, cpp, torch")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)

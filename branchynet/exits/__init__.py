@@ -47,10 +47,12 @@ def _softmax_parts(logits: torch.Tensor):
 def _entropy_from_parts(d, e, s):
     # H = log S - sum_c e_c d_c / S. Classes with e_c == 0 (d = -inf, or underflow for
     # logits ~1e4 apart) contribute 0: "0 * -inf" must not become NaN.
-    ed = torch.where(e > 0, e * d, torch.zeros_like(d))
-    h = s.log() - ed.sum(dim=1) / s
-    # Rounding can leave -1e-8 for a one-hot softmax; entropy is >= 0. NaN stays NaN.
-    return torch.where(h < 0, torch.zeros_like(h), h)
+    # A NaN in e * d can only come from 0 * -inf here: a row with a NaN or +inf logit has
+    # a NaN sum S and so a NaN entropy whatever this term holds. In-place ops: this runs
+    # once per exit per batch, and each op saved is ~1 us at B = 1.
+    ed = (e * d).nan_to_num_(nan=0.0).sum(dim=1)
+    # Rounding can leave -1e-8 for a one-hot softmax; entropy is >= 0. clamp keeps NaN.
+    return s.log().sub_(ed.div_(s)).clamp_min_(0.0)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -68,8 +70,10 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _argmax_nan_as_inf(z: torch.Tensor) -> torch.Tensor:
-    z = torch.where(torch.isnan(z), torch.full_like(z, float("inf")), z)
-    return z.argmax(dim=1) if z.shape[0] else torch.zeros(0, dtype=torch.int64, device=z.device)
+    if not z.shape[0]:
+        return torch.zeros(0, dtype=torch.int64, device=z.device)
+    inf = float("inf")
+    return torch.nan_to_num(z, nan=inf, posinf=inf, neginf=-inf).argmax(dim=1)
 
 
 def exit_scores(logits: torch.Tensor, criterion: str = "entropy"):
@@ -84,7 +88,11 @@ def exit_scores(logits: torch.Tensor, criterion: str = "entropy"):
         ``(score [B] float32, entropy [B] float32, pred [B] int64)``.
     """
     _check_logits(logits)
-    cid = criterion_id(criterion)
+    return _scores(logits, criterion_id(criterion))
+
+
+def _scores(logits: torch.Tensor, cid: int):
+    """:func:`exit_scores` without the argument checks (criterion as its integer id)."""
     d, e, s = _softmax_parts(logits)
     h = _entropy_from_parts(d, e, s)
     pred = _argmax_nan_as_inf(logits.float() if logits.dtype != torch.float64 else logits)

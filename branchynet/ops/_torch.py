@@ -1,16 +1,17 @@
 """The exit op in pure PyTorch: CPU fallback and the oracle of every kernel.
 
-Vectorised and free of host syncs: the survivors are ordered by a stable sort of the
-exit mask instead of ``nonzero`` (which would read the count back to the host), so on a
-GPU this path too costs the engine only its one count read-back per exit.
+Vectorised. On a GPU it is free of host syncs: the survivors are ordered by a stable
+sort of the exit mask instead of ``nonzero`` (which would read the count back to the
+host), so this path too costs the engine only its one count read-back per exit. On the
+CPU, where there is no device to wait for, it indexes the leaving rows directly.
+Survivors keep their input order in both.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import CRITERIA
-from ..exits import exit_scores
+from ..exits import _scores
 
 
 def exit_step_torch(
@@ -27,11 +28,24 @@ def exit_step_torch(
 ):
     """See :func:`branchynet.ops.exit_step` for the contract."""
     k = logits.shape[0]
-    score, h, pred = exit_scores(logits, CRITERIA[criterion])
+    score, h, pred = _scores(logits, criterion)
     if last:
         leave = torch.ones(k, dtype=torch.bool, device=logits.device)
     else:
         leave = score < threshold
+    if logits.device.type == "cpu":
+        # On the CPU a host-side count costs nothing to wait for, so only the leaving rows
+        # are indexed, with the index_* methods (half the time of the sync-free form
+        # below at B = 1, where this op's fixed cost is a tenth of a B-LeNet sample).
+        order = torch.argsort(leave.to(torch.int8), stable=True)  # stayers first
+        n_stay = k - int(leave.sum())
+        go = order[n_stay:]
+        dst = rows.index_select(0, go)
+        out_logits.index_copy_(0, dst, logits.index_select(0, go).to(out_logits.dtype))
+        out_pred.index_copy_(0, dst, pred.index_select(0, go))
+        out_exit.index_fill_(0, dst, exit_index)
+        out_entropy.index_copy_(0, dst, h.index_select(0, go).float())
+        return order, rows.index_select(0, order), torch.tensor([n_stay], dtype=torch.int64)
     if k:
         keep = leave.unsqueeze(1)
         # Rows are unique, so this read-modify-write touches each output row once;
