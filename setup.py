@@ -6,7 +6,10 @@ import sys
 
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"]
+# Triton is in the test extra because its kernels are tested on the CPU too, under
+# TRITON_INTERPRET=1; its wheels exist for Linux only.
+TRITON = ["triton>=3.0; platform_system == 'Linux'"]
+TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
 
 
@@ -100,7 +103,7 @@ setup(
     install_requires=["torch>=2.1", "numpy>=1.21"],
     extras_require={
         "demo": DEMO,
-        "triton": ["triton>=3.0"],
+        "triton": TRITON,
         "test": TEST + DEMO,
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},
