@@ -98,10 +98,12 @@ class EarlyExitEngine:
     def thresholds(self, value: Sequence[float]) -> None:
         self._thresholds = check_thresholds(value, self.num_exits)
 
-    def _device(self) -> torch.device:
+    def _first_tensor(self) -> torch.Tensor | None:
         p = next(self.model.parameters(), None)
-        if p is None:
-            p = next(self.model.buffers(), None)
+        return p if p is not None else next(self.model.buffers(), None)
+
+    def _device(self) -> torch.device:
+        p = self._first_tensor()
         return p.device if p is not None else torch.device("cpu")
 
     def _kernels(self, device: torch.device):
@@ -126,11 +128,18 @@ class EarlyExitEngine:
                 raise ValueError(f"x must have shape [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
         elif x.dim() < 1:
             raise ValueError("x must have a batch dimension (rank >= 1)")
-        dev = self._device()
+        p = self._first_tensor()
+        dev = p.device if p is not None else torch.device("cpu")
         if x.device != dev:
             raise ValueError(f"x is on {x.device} but the model is on {dev}; move one of them")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        # Under autocast the layers cast their inputs themselves; otherwise a mismatch
+        # would fail deep inside the first stage with a less helpful message.
+        if (p is not None and p.is_floating_point() and x.dtype != p.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x is {x.dtype} but the model's parameters are {p.dtype}; "
+                            f"convert one of them (or run under torch.autocast)")
 
     # -- inference -----------------------------------------------------------------------
 

@@ -226,6 +226,10 @@ def test_bad_inputs(model):
         eng(torch.zeros(4, 12, dtype=torch.int64))
     with pytest.raises(TypeError, match="x must be"):
         eng([[0.0] * 12])
+    with pytest.raises(TypeError, match="x is torch.float64 but the model's parameters are torch.float32"):
+        eng(torch.zeros(4, 12, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the layers
+        assert sum(eng(torch.zeros(4, 12, dtype=torch.bfloat16)).counts) == 4
     with pytest.raises(TypeError, match="BranchyNet"):
         EarlyExitEngine(nn.Linear(2, 2), [])
     with pytest.raises(ValueError, match="backend"):
