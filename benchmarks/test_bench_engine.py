@@ -48,7 +48,8 @@ def build_provider(ctx, provider: str, name: str, batch: int, thresholds, exampl
     if provider == "naive":
         return lambda x: naive_early_exit(model, x, thresholds)
     if provider == "per_sample":
-        return EarlyExitEngine(model, thresholds=thresholds, backend="torch", criterion="entropy").per_sample
+        # the best exit op for the device, so per_sample vs engine_* isolates batching
+        return EarlyExitEngine(model, thresholds=thresholds, criterion="entropy").per_sample
     if provider.startswith("engine_"):
         return EarlyExitEngine(model, thresholds=thresholds, criterion="entropy", **_engine_kwargs(provider))
     raise ValueError(f"unknown provider {provider!r}")

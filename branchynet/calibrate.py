@@ -38,7 +38,7 @@ class ExitTable:
     """Every exit's score and prediction on a data set.
 
     Attributes:
-        score: [N, M] float32, the criterion's score of each of M samples at each exit.
+        score: [N, M] float64, the criterion's score of each of M samples at each exit.
         pred: [N, M] int64 predictions.
         target: [M] int64 labels.
         criterion: the criterion the scores are for.
@@ -76,7 +76,7 @@ def collect_exit_outputs(model: BranchyNet, data, *, criterion: str | None = Non
     for x, y in loader:
         outs = model(x.to(device))
         s, p = zip(*[(sc, pr) for sc, _, pr in (exit_scores(z, criterion) for z in outs)])
-        scores.append(torch.stack(s).float().cpu())
+        scores.append(torch.stack(s).double().cpu())  # the exact values the engine compares
         preds.append(torch.stack(p).cpu())
         targets.append(y.cpu())
     if not targets:
@@ -94,7 +94,7 @@ def score_thresholds(table: ExitTable, thresholds: torch.Tensor):
     Returns:
         ``(accuracy [G] float64, fractions [G, N] float64)``.
     """
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
     n, m = table.score.shape
     if thresholds.dim() != 2 or thresholds.shape[1] != n - 1:
         raise ValueError(f"thresholds must have shape [G, {n - 1}], got {tuple(thresholds.shape)}")
@@ -109,18 +109,25 @@ def score_thresholds(table: ExitTable, thresholds: torch.Tensor):
 
 
 def candidate_thresholds(table: ExitTable, per_exit: int = 20) -> list:
-    """Candidate T values for each side branch: 0 (nobody leaves), the quantiles of the
-    branch's scores (so every candidate changes who leaves), and a value above every score."""
+    """Candidate T values for each side branch: 0 (nobody leaves), ``per_exit`` cuts at
+    quantiles of the branch's scores, and a value above every score (everyone leaves).
+
+    Each cut lies half-way between two neighbouring distinct scores, never on a score:
+    then a backend whose rounding differs in the last bits (fp32 GPU kernels, the fp64
+    reference) makes the same decision for every sample the sweep was scored on.
+    """
     out = []
     for s in table.score[:-1]:
-        s = s[torch.isfinite(s)].double()
-        if s.numel() == 0:
+        u = torch.unique(s[torch.isfinite(s)].double())  # sorted
+        if u.numel() == 0:
             out.append([0.0])
             continue
-        qs = torch.quantile(s, torch.linspace(0.02, 0.98, per_exit, dtype=torch.float64))
-        vals = {0.0, float(s.max()) * (1 + 1e-6) + 1e-9}
-        vals.update(float(v) for v in qs if v > 0)
-        out.append(sorted(vals))
+        vals = {0.0, float(u[-1]) * (1 + 1e-6) + 1e-9}
+        if u.numel() > 1:
+            mids = (u[1:] + u[:-1]) / 2
+            pos = torch.linspace(0, mids.numel() - 1, min(per_exit, mids.numel()), dtype=torch.float64)
+            vals.update(float(mids[int(round(float(p)))]) for p in pos)
+        out.append(sorted(v for v in vals if v >= 0))
     return out
 
 
@@ -267,7 +274,7 @@ def calibrate(
     if len(candidates) != n - 1:
         raise ValueError(f"candidates: expected {n - 1} lists (one per side branch), got {len(candidates)}")
     flops = flops or profile_flops(model)
-    grid = torch.tensor(list(itertools.product(*candidates)), dtype=torch.float32).reshape(-1, n - 1)
+    grid = torch.tensor(list(itertools.product(*candidates)), dtype=torch.float64).reshape(-1, n - 1)
     acc, frac = score_thresholds(table, grid)
     final_acc = table.exit_accuracy()[-1]
     rows = []

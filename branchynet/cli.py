@@ -156,7 +156,6 @@ def _markdown(head, rows) -> str:
 # --- train / calibrate / bench / info --------------------------------------------------
 
 def run_train(args) -> None:
-    from .checkpoint import save_checkpoint
     from .data import default_dataset_for, load_dataset
     from .train import evaluate, train
 
@@ -165,10 +164,11 @@ def run_train(args) -> None:
     model = _build(args.model, splits).to(args.device)
     if args.weights:
         model.exit_config = ExitConfig(model.num_exits, weights=[float(w) for w in args.weights.split(",")])
+    # One file: the weights and the training state (to --resume), plus the data set the
+    # later commands need, saved after every epoch.
     train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
           seed=args.seed, checkpoint=args.out, resume=args.resume, progress=not args.quiet,
-          main_first_epochs=args.main_first)
-    save_checkpoint(args.out, model, extra={"dataset": dataset, "seed": args.seed})
+          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed})
     acc = evaluate(model, splits.test, device=args.device)
     print(json.dumps(acc, indent=2, default=float))
     print(f"saved {args.out}")

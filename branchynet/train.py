@@ -91,6 +91,7 @@ def train(
     main_first_epochs: int = 0,
     schedule: str | None = None,
     log: Callable[[str], None] | None = None,
+    extra: dict | None = None,
 ) -> TrainHistory:
     """Train a BranchyNet with the joint loss.
 
@@ -125,6 +126,8 @@ def train(
             ``(0, .., 0, 1)``) for this many epochs before the joint training.
         schedule: ``None`` (constant lr) or ``"cosine"`` (per epoch, from ``lr`` towards 0).
         log: called with a one-line summary after every epoch (e.g. ``print``).
+        extra: plain data saved in every checkpoint beside the training state (e.g. the
+            data set's name, so ``branchynet calibrate`` finds it).
 
     Returns:
         :class:`TrainHistory`, one entry per epoch (resumed runs include the epochs
@@ -225,7 +228,7 @@ def train(
             gen = getattr(train_loader, "generator", None)
             save_checkpoint(
                 checkpoint, model, optimizer=opt, epoch=epoch + 1, rng=True,
-                extra={"train": {
+                extra={**(extra or {}), "train": {
                     "history": history.to_dict(),
                     "optimizer": optimizer,
                     "seed": seed,

@@ -97,3 +97,34 @@ def test_path_times_are_increasing():
     model = small_model()
     t = measure_path_times(model, torch.randn(64, 10), repeats=3)
     assert len(t) == 3 and all(v > 0 for v in t) and t[0] < t[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_candidate_scores_what_every_backend_does(dtype):
+    # Confident exits (entropies down to ~1e-7) and every candidate the sweep tries:
+    # the fraction leaving at each exit must be what each CPU backend's engine does.
+    from branchynet.calibrate import candidate_thresholds
+    from branchynet.ops import available_backends
+
+    model = small_model(3)
+    with torch.no_grad():
+        for b in model.branches:
+            b.weight.mul_(4.0)
+    model = model.to(dtype)
+    val = dataset(4, m=400)
+    x, y = val.tensors
+    x = x.to(dtype)
+    table = collect_exit_outputs(model, torch.utils.data.TensorDataset(x, y))
+    assert float(table.score[0].min()) < 1e-4
+    cands = candidate_thresholds(table, per_exit=25)
+    grid = torch.tensor([[a, b] for a in cands[0] for b in cands[1][::5]], dtype=torch.float64)
+    acc, frac = score_thresholds(table, grid)
+    for backend in available_backends("cpu"):
+        if backend == "triton" and dtype == torch.float64:
+            continue
+        eng = bn.EarlyExitEngine(model, [0.0, 0.0], backend=backend)
+        for g in range(0, grid.shape[0], 3 if backend == "triton" else 1):
+            eng.thresholds = grid[g].tolist()
+            res = eng(x)
+            assert [c / len(y) for c in res.counts] == pytest.approx(frac[g].tolist()), (backend, grid[g])
+            assert float((res.pred == y).double().mean()) == pytest.approx(float(acc[g]))

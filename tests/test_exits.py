@@ -116,3 +116,17 @@ def test_bad_logits_raise(bad, err):
 def test_unknown_criterion():
     with pytest.raises(ValueError, match="criterion"):
         exit_scores(torch.zeros(2, 3), "confidence")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_confident_rows_small_entropy_relative_accuracy(dtype):
+    # Thresholds of confident networks sit at entropies of 1e-6..1e-3, where float32
+    # log(S) with S = 1 + delta would lose delta (a ~5 % relative error): the reference
+    # must be accurate relative to the entropy itself, not to an absolute 1e-5.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 10, generator=g, dtype=torch.float64)
+    z[torch.arange(2000), torch.randint(0, 10, (2000,), generator=g)] += 8 + 12 * torch.rand(2000, generator=g)
+    z = z.to(dtype)
+    ref = ref_entropy(z.double().numpy())
+    assert ref.min() < 1e-6  # the regime this test is about
+    np.testing.assert_allclose(entropy(z).double().numpy(), ref, rtol=1e-5, atol=1e-12)
