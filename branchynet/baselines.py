@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from .config import check_thresholds
 from .engine import ExitResult
 from .models.branchynet import BranchyNet
 
@@ -31,6 +32,9 @@ def naive_early_exit(model: BranchyNet, x: torch.Tensor, thresholds: Sequence[fl
     Returns:
         :class:`~branchynet.ExitResult`, the same answers as the engine.
     """
+    thresholds = check_thresholds(thresholds, model.num_exits)
+    if model.training:
+        raise RuntimeError("the model is in training mode: call model.eval() before inference")
     b = x.shape[0]
     idx = torch.arange(b, device=x.device)
     n_exits = model.num_exits

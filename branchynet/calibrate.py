@@ -71,14 +71,18 @@ def collect_exit_outputs(model: BranchyNet, data, *, criterion: str | None = Non
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     loader = data if isinstance(data, torch.utils.data.DataLoader) else \
         torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    was_training = model.training
     model.eval()
     scores, preds, targets = [], [], []
-    for x, y in loader:
-        outs = model(x.to(device))
-        s, p = zip(*[(sc, pr) for sc, _, pr in (exit_scores(z, criterion) for z in outs)])
-        scores.append(torch.stack(s).double().cpu())  # the exact values the engine compares
-        preds.append(torch.stack(p).cpu())
-        targets.append(y.cpu())
+    try:
+        for x, y in loader:
+            outs = model(x.to(device))
+            s, p = zip(*[(sc, pr) for sc, _, pr in (exit_scores(z, criterion) for z in outs)])
+            scores.append(torch.stack(s).double().cpu())  # the exact values the engine compares
+            preds.append(torch.stack(p).cpu())
+            targets.append(y.cpu())
+    finally:
+        model.train(was_training)
     if not targets:
         raise ValueError("data is empty: calibration needs at least one sample")
     return ExitTable(torch.cat(scores, 1), torch.cat(preds, 1), torch.cat(targets), criterion)
@@ -137,16 +141,20 @@ def measure_path_times(model: BranchyNet, example: torch.Tensor, *, repeats: int
     plus the exit test), at the batch size of ``example`` [B, ...]."""
     from .timing import time_fn
 
+    was_training = model.training
     model.eval()
     per_part = []
     h = example
-    for stage, branch in zip(model.stages, model.branches):
-        hs = h
-        t_stage = time_fn(lambda: stage(hs), repeats=repeats, device=example.device).median
-        h = stage(h)
-        hb = h
-        t_branch = time_fn(lambda: exit_scores(branch(hb)), repeats=repeats, device=example.device).median
-        per_part.append((t_stage, t_branch))
+    try:
+        for stage, branch in zip(model.stages, model.branches):
+            hs = h
+            t_stage = time_fn(lambda: stage(hs), repeats=repeats, device=example.device).median
+            h = stage(h)
+            hb = h
+            t_branch = time_fn(lambda: exit_scores(branch(hb)), repeats=repeats, device=example.device).median
+            per_part.append((t_stage, t_branch))
+    finally:
+        model.train(was_training)
     b = example.shape[0]
     paths, acc = [], 0.0
     for t_stage, t_branch in per_part:

@@ -15,6 +15,44 @@ from .config import ExitConfig
 MODEL_CHOICES = ("b-lenet", "b-alexnet", "b-resnet110")
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (0.005 = 0.5 pt), got {v}")
+    return v
+
+
+def _int_list(text: str) -> list:
+    """Comma-separated positive integers, e.g. ``1,8,64``."""
+    return [_positive_int(t) for t in text.split(",")]
+
+
+def _float_list(text: str) -> list:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _model_kwargs(name: str, splits) -> dict:
     kw = {"num_classes": splits.num_classes}
     if name.replace("-", "_") == "b_lenet":
@@ -130,7 +168,7 @@ def run_demo(args) -> dict:
         platform.processor() or platform.machine())
     print()
     print(f"Table I on this machine ({device.type}: {dev_name}, {torch.get_num_threads()} threads, "
-          f"exit-op backend {engine._kernels(device)[0]}, "
+          f"exit-op backend {engine.backend_for(device)}, "
           f"torch {torch.__version__}); {dataset} test split, {xt.shape[0]} samples; "
           f"times are medians of {args.repeats} runs (B=1 over {n1} samples)")
     print(_markdown(head, rows))
@@ -163,7 +201,7 @@ def run_train(args) -> None:
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
     model = _build(args.model, splits).to(args.device)
     if args.weights:
-        model.exit_config = ExitConfig(model.num_exits, weights=[float(w) for w in args.weights.split(",")])
+        model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.
     train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
@@ -222,13 +260,17 @@ def run_bench(args) -> None:
     else:
         x = torch.randn(1024, *model.input_shape)
     x = x[: args.samples].to(args.device)
+    too_big = [b for b in args.batch_sizes if b > x.shape[0]]
+    if too_big:
+        raise SystemExit(f"error: --batch-sizes {too_big} exceed the {x.shape[0]} samples available "
+                         f"(--samples {args.samples})")
     engine = EarlyExitEngine(model, backend=args.backend)
     baseline = model.backbone_only().eval()
     res = engine(x)
     ideal = profile_flops(model).ideal_speedup(res.exit_fractions)
     rows = []
-    for b in [int(v) for v in args.batch_sizes.split(",")]:
-        xs = x[: max(b, min(x.shape[0], args.samples if b > 1 else args.samples_b1))]
+    for b in args.batch_sizes:
+        xs = x[: max(b, args.samples_b1 if b == 1 else x.shape[0])]
         tb = time_per_sample(baseline, xs, b, repeats=args.repeats)
         te = time_per_sample(engine.per_sample if b == 1 and args.per_sample_b1 else engine, xs, b,
                              repeats=args.repeats)
@@ -236,7 +278,7 @@ def run_bench(args) -> None:
                      f"{ideal:.2f}x", f"{tb.median / te.median / ideal:.2f}"])
     print(f"{args.checkpoint}: thresholds {list(engine.thresholds)}, exits "
           f"{[round(100 * f, 1) for f in res.exit_fractions]} %, device {args.device}, "
-          f"backend {engine.backend}")
+          f"backend {engine.backend_for(args.device)}")
     print(_markdown(["batch", "backbone ms/sample", "engine ms/sample", "gain", "ideal gain", "efficiency"],
                     rows))
 
@@ -284,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train, calibrate and print the paper's Table I for this machine")
     common(d)
-    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--epochs", type=_positive_int, default=15)
     d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--max-drop", type=float, default=0.005, help="accuracy drop allowed (0.005 = 0.5 pt)")
-    d.add_argument("--limit", type=int, default=0, help="use at most this many training samples")
-    d.add_argument("--time-samples", type=int, default=500, help="samples timed one at a time (B=1)")
-    d.add_argument("--repeats", type=int, default=5)
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    d.add_argument("--batch-size", type=_positive_int, default=64)
+    d.add_argument("--max-drop", type=_fraction, default=0.005, help="accuracy drop allowed (0.005 = 0.5 pt)")
+    d.add_argument("--limit", type=_nonneg_int, default=0, help="use at most this many training samples")
+    d.add_argument("--time-samples", type=_positive_int, default=500, help="samples timed one at a time (B=1)")
+    d.add_argument("--repeats", type=_positive_int, default=5)
+    d.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     d.add_argument("--backend", default="auto", help="exit-op backend: auto, cuda, triton, cpp, torch")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -299,11 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="joint-loss training to a checkpoint")
     common(t)
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--weights", default=None, help="joint-loss weights, comma separated, one per exit")
-    t.add_argument("--main-first", type=int, default=0, help="epochs training the final exit alone first")
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--weights", type=_float_list, default=None, help="joint-loss weights, comma separated, one per exit")
+    t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--out", default="runs/model.pt")
     t.add_argument("--quiet", action="store_true")
@@ -312,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="sweep thresholds on the validation split")
     common(c, model=False)
     c.add_argument("checkpoint")
-    c.add_argument("--max-drop", type=float, default=0.005)
-    c.add_argument("--min-accuracy", type=float, default=None)
+    c.add_argument("--max-drop", type=_fraction, default=0.005)
+    c.add_argument("--min-accuracy", type=_fraction, default=None)
     c.add_argument("--out", default="runs/calibration")
     c.add_argument("--write", action="store_true", help="store the chosen thresholds in the checkpoint")
     c.set_defaults(func=run_calibrate)
@@ -321,12 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time a checkpoint against its backbone-only twin")
     common(b, model=False)
     b.add_argument("checkpoint")
-    b.add_argument("--batch-sizes", default="1,8,64,256")
+    b.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
     b.add_argument("--backend", default="auto")
-    b.add_argument("--samples", type=int, default=1024)
-    b.add_argument("--samples-b1", type=int, default=200)
+    b.add_argument("--samples", type=_positive_int, default=1024)
+    b.add_argument("--samples-b1", type=_positive_int, default=200)
     b.add_argument("--per-sample-b1", action="store_true", help="at B=1 time the per-sample mode")
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--repeats", type=_positive_int, default=5)
     b.set_defaults(func=run_bench)
 
     i = sub.add_parser("info", help="versions, devices and exit-op backends")
@@ -335,11 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DatasetUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         return 130
+    except (CheckpointError, DatasetUnavailable) as err:
+        # The user's file or data, not a bug: the message says what to do.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -30,14 +30,16 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> tuple[float
         ValueError: wrong count, NaN or negative values.
         TypeError: not a sequence of numbers.
     """
-    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__"):
+    if (isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__")
+            or getattr(thresholds, "ndim", 1) != 1):  # a 0-d or 2-d tensor/array
         raise TypeError(
             f"thresholds must be a sequence of {num_exits - 1} numbers, got {type(thresholds).__name__}"
+            + (f" of shape {tuple(thresholds.shape)}" if hasattr(thresholds, "shape") else "")
         )
     try:
         values = tuple(float(t) for t in thresholds)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"thresholds must be numbers, got {list(thresholds)!r}") from err
+        raise TypeError(f"thresholds must be numbers, got {thresholds!r}") from err
     if len(values) != num_exits - 1:
         raise ValueError(
             f"thresholds: expected {num_exits - 1} values (one per side branch; the last of the "

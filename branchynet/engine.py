@@ -82,11 +82,7 @@ class EarlyExitEngine:
         self.thresholds = cfg.thresholds if thresholds is None else thresholds
         self.criterion = cfg.criterion if criterion is None else criterion
         criterion_id(self.criterion)
-        if backend != "auto":
-            # Refuse an unknown or unavailable backend now, not at the first call.
-            resolve_backend(backend, self._device())
         self.backend = backend
-        self._resolved: dict = {}  # device -> (backend name, exit_step, gather_rows)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -97,6 +93,23 @@ class EarlyExitEngine:
     @thresholds.setter
     def thresholds(self, value: Sequence[float]) -> None:
         self._thresholds = check_thresholds(value, self.num_exits)
+
+    @property
+    def backend(self) -> str:
+        """The exit-op backend asked for (``"auto"`` or a name); see :meth:`backend_for`."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value != "auto":
+            # Refuse an unknown or unavailable backend now, not at the next call.
+            resolve_backend(value, self._device())
+        self._backend = value
+        self._resolved: dict = {}  # device -> (backend name, exit_step, gather_rows)
+
+    def backend_for(self, device: torch.device | str) -> str:
+        """The backend that runs the exit op for inputs on ``device``."""
+        return self._kernels(torch.device(device))[0]
 
     def _first_tensor(self) -> torch.Tensor | None:
         p = next(self.model.parameters(), None)
@@ -117,6 +130,9 @@ class EarlyExitEngine:
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if self.model.training:
+            # Dropout and batch-norm statistics would make the answers random.
+            raise RuntimeError("the model is in training mode: call model.eval() before inference")
         shape = self.model.input_shape
         if shape is not None:
             if x.dim() != len(shape) + 1:
@@ -174,6 +190,9 @@ class EarlyExitEngine:
                 if z.dtype == torch.float64 and backend == "triton":
                     raise TypeError("backend 'triton' takes float32/float16/bfloat16 logits; "
                                     "the model returns float64")
+            elif z.dtype != out[0].dtype:
+                raise TypeError(f"branch {n} returns {z.dtype} logits but branch 0 returns "
+                                f"{out[0].dtype}; every exit must return one dtype")
             if k == 0:
                 break
             threshold = 0.0 if last else self._thresholds[n]

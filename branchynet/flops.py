@@ -59,6 +59,8 @@ class FlopProfile:
 
     def ideal_speedup(self, fractions: Sequence[float]) -> float:
         """cost(backbone without exits) / sum_n f_n cost(path to exit n)."""
+        if not sum(fractions) > 0:
+            raise ValueError(f"fractions must sum to 1 (an exit profile), got {list(fractions)}")
         return self.backbone / self.expected(fractions)
 
 

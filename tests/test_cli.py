@@ -1,6 +1,7 @@
 """The branchynet command end to end, in a tiny configuration."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -34,15 +35,21 @@ def test_demo_prints_table_and_writes_artifacts(tmp_path, capsys):
 
 
 def test_train_calibrate_bench_info(tmp_path, capsys):
+    from branchynet.checkpoint import load_checkpoint, read_checkpoint
+
     ckpt = tmp_path / "m.pt"
     assert main(["train", "--epochs", "1", "--out", str(ckpt), "--quiet"]) == 0
-    assert ckpt.exists()
+    assert read_checkpoint(ckpt)["epoch"] == 1
+    # the same file resumes: one more epoch on top of the first
+    assert main(["train", "--epochs", "2", "--out", str(ckpt), "--resume", "--quiet"]) == 0
+    raw = read_checkpoint(ckpt)
+    assert raw["epoch"] == 2 and raw["extra"]["dataset"] == "mnist-5k"
+    capsys.readouterr()
     assert main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write"]) == 0
     out = capsys.readouterr().out
-    assert "chosen thresholds" in out and "written" in out
-    from branchynet.checkpoint import load_checkpoint
-
-    assert load_checkpoint(ckpt).exit_config.thresholds[0] >= 0
+    chosen = re.search(r"chosen thresholds \[([^\]]+)\]", out)
+    assert chosen and "written" in out
+    assert load_checkpoint(ckpt).exit_config.thresholds == pytest.approx([float(chosen.group(1))])
     assert main(["bench", str(ckpt), "--batch-sizes", "1,16", "--samples", "32", "--samples-b1", "8",
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
@@ -57,3 +64,20 @@ def test_module_entry_point_and_bad_arguments():
     r = subprocess.run([sys.executable, "-m", "branchynet", "demo", "--model", "vgg"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["bench", "x.pt", "--samples", "0"], "expected an integer >= 1"),
+    (["bench", "x.pt", "--batch-sizes", "1,x"], "expected an integer >= 1"),
+    (["calibrate", "x.pt", "--max-drop", "5"], "expected a fraction in [0, 1]"),
+    (["train", "--weights", "1,a"], "comma-separated numbers"),
+])
+def test_bad_arguments_are_usage_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    assert main(["calibrate", str(tmp_path / "nope.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

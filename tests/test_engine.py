@@ -186,9 +186,11 @@ def test_every_row_answered_exactly_once(backend, seed, b, num_exits, t):
         rows = res.exit == n
         torch.testing.assert_close(res.logits[rows], outs[n][rows], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(res.entropy[rows], entropy(outs[n][rows]), rtol=1e-4, atol=1e-5)
-        # exited early => below the threshold; survived => not below (up to rounding)
+        # exited early => below the threshold; went deeper => not below (up to rounding)
         if n < num_exits - 1:
             assert (entropy(outs[n][rows]) < thresholds[n] + 1e-5).all()
+            deeper = res.exit > n
+            assert (entropy(outs[n][deeper]) >= thresholds[n] - 1e-5).all()
 
 
 # --- bad input --------------------------------------------------------------------------
@@ -236,6 +238,38 @@ def test_bad_inputs(model):
         EarlyExitEngine(model, [0.1, 0.2], backend="fast")
     with pytest.raises(ValueError, match="criterion"):
         EarlyExitEngine(model, [0.1, 0.2], criterion="confidence")
+
+
+def test_training_mode_refused_and_backend_switch(model):
+    x = torch.randn(8, 12)
+    eng = EarlyExitEngine(model, [0.5, 0.5])
+    assert eng.backend_for("cpu") == ("cpp" if "cpp" in BACKENDS else "torch")  # what auto picks
+    model.train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        eng(x)
+    model.eval()
+    eng.backend = "torch"  # takes effect at the next call, not cached from the last one
+    assert eng.backend_for("cpu") == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        eng.backend = "fast"
+    with pytest.raises(TypeError, match="thresholds"):
+        EarlyExitEngine(model, torch.tensor(0.5))
+    import numpy as np
+
+    assert EarlyExitEngine(model, np.array([0.1, 0.2])).thresholds == pytest.approx((0.1, 0.2))
+
+
+def test_branches_of_different_dtypes_refused():
+    model = random_model(0, num_exits=2, dtype=torch.float32)
+    model.branches[1] = model.branches[1].double()
+    model.stages[1] = nn.Sequential(model.stages[1], _ToDouble())
+    with pytest.raises(TypeError, match="branch 1 returns torch.float64"):
+        EarlyExitEngine(model, [0.0])(torch.randn(4, 12))
+
+
+class _ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
 
 
 def test_unavailable_backend_refused_clearly(model):

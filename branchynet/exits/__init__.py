@@ -10,8 +10,8 @@ kernel accumulates in double too; the GPU kernels accumulate in float32.
 NaN policy (the same in every backend): NaN is *propagated*, never mapped to "exit".
 A row with a NaN logit has NaN entropy and NaN score, so ``score < T`` is false at every
 side branch; the row reaches the last exit, which takes every remaining sample, and
-reports NaN entropy. Its prediction treats NaN as +inf (the first NaN column wins), so
-``pred`` is always a valid class index.
+reports NaN entropy. Its prediction treats NaN as +inf (the first column that is NaN or
++inf wins), so ``pred`` is always a valid class index.
 """
 
 from __future__ import annotations

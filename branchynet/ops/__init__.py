@@ -142,6 +142,8 @@ def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, ou
     if logits.dtype not in _LOGIT_DTYPES + (torch.float64,):
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     k, c = logits.shape
+    if c < 1:
+        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
     if rows.dtype != torch.int64 or rows.shape != (k,):
         raise ValueError(f"rows must be int64 of shape [{k}], got {rows.dtype} {tuple(rows.shape)}")
     if out_logits.dim() != 2 or out_logits.shape[1] != c:
@@ -156,7 +158,11 @@ def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, ou
     if not out_logits.is_contiguous():
         raise ValueError("out_logits must be contiguous")
     if isinstance(threshold, torch.Tensor):
-        threshold = float(threshold)
+        if threshold.numel() != 1:
+            raise ValueError(f"threshold must be one number, got a tensor of shape {tuple(threshold.shape)}")
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
     if math.isnan(threshold) or threshold < 0:
         raise ValueError(f"threshold must be >= 0 and not NaN, got {threshold}")
     return float(threshold)
