@@ -149,30 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
 
 at::Tensor gather_rows_cpu(const at::Tensor& features, const at::Tensor& index) {
   TORCH_CHECK(features.device().is_cpu(), "branchynet::gather_rows (CPU): features must be on the CPU");
-  TORCH_CHECK(features.dim() >= 1, "gather_rows: features need a batch dimension");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1,
-              "gather_rows: index must be a 1-D int64 tensor, got ", index.scalar_type(), " ", index.sizes());
-  TORCH_CHECK(index.device() == features.device(), "gather_rows: index is on ", index.device(),
-              " but features are on ", features.device());
-  // Same rule as the oracle and the CUDA kernel: channels_last 4-D stays channels_last.
-  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-  at::Tensor src = features;
-  if (!features.is_contiguous()) {
-    if (features.dim() == 4 && features.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      fmt = at::MemoryFormat::ChannelsLast;
-    } else {
-      src = features.contiguous();
-    }
-  }
-  const at::Tensor idx = index.contiguous();
-  const int64_t M = idx.size(0);
-  const int64_t K = src.size(0);
-  std::vector<int64_t> sizes = src.sizes().vec();
-  sizes[0] = M;
-  at::Tensor out = at::empty(sizes, src.options().memory_format(fmt));
-  int64_t inner = 1;
-  for (size_t d = 1; d < sizes.size(); ++d) inner *= sizes[d];
-  const int64_t row_bytes = inner * static_cast<int64_t>(src.element_size());
+  GatherPlan plan = plan_gather(features, index);
+  const at::Tensor& src = plan.src;
+  const at::Tensor& idx = plan.idx;
+  at::Tensor out = plan.out;
+  const int64_t M = plan.M, K = plan.K, row_bytes = plan.row_bytes;
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   for (int64_t j = 0; j < M; ++j) {
     TORCH_CHECK(ip[j] >= 0 && ip[j] < K, "gather_rows: index[", j, "] = ", ip[j], " is out of range for ", K, " rows");

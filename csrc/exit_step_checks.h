@@ -1,12 +1,14 @@
-// Argument checks of branchynet::exit_step, shared by the CPU and the CUDA kernels so the
-// two cannot drift apart.
+// Argument checks (and the gather's output plan) of the branchynet ops, shared by the CPU
+// and the CUDA kernels so the two cannot drift apart.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace branchynet {
 
@@ -47,6 +49,45 @@ inline ExitStepShape check_exit_step_args(
   TORCH_CHECK(criterion >= 0 && criterion <= 2, "exit_step: criterion must be 0, 1 or 2, got ", criterion);
   TORCH_CHECK(!std::isnan(threshold), "exit_step: threshold is NaN");
   return {K, C, B};
+}
+
+// The survivor gather's plan, shared by the CPU and CUDA kernels: argument checks and
+// the output, which keeps channels_last 4-D features channels_last (the oracle's rule,
+// gather_rows_torch) and is contiguous otherwise. Each sample's block is contiguous in
+// both layouts, so the kernels copy `row_bytes` per index.
+struct GatherPlan {
+  at::Tensor src;  // features, made contiguous unless already contiguous or channels_last
+  at::Tensor idx;  // index, contiguous
+  at::Tensor out;  // [M, ...]
+  int64_t M;
+  int64_t K;
+  int64_t row_bytes;
+};
+
+inline GatherPlan plan_gather(const at::Tensor& features, const at::Tensor& index) {
+  TORCH_CHECK(features.dim() >= 1, "gather_rows: features need a batch dimension");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1,
+              "gather_rows: index must be a 1-D int64 tensor, got ", index.scalar_type(), " ", index.sizes());
+  TORCH_CHECK(index.device() == features.device(), "gather_rows: index is on ", index.device(),
+              " but features are on ", features.device());
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+  at::Tensor src = features;
+  if (!features.is_contiguous()) {
+    if (features.dim() == 4 && features.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      fmt = at::MemoryFormat::ChannelsLast;
+    } else {
+      src = features.contiguous();
+    }
+  }
+  at::Tensor idx = index.contiguous();
+  const int64_t M = idx.size(0);
+  const int64_t K = src.size(0);
+  std::vector<int64_t> sizes = src.sizes().vec();
+  sizes[0] = M;
+  at::Tensor out = at::empty(sizes, src.options().memory_format(fmt));
+  int64_t inner = 1;
+  for (size_t d = 1; d < sizes.size(); ++d) inner *= sizes[d];
+  return {src, idx, out, M, K, inner * static_cast<int64_t>(src.element_size())};
 }
 
 }  // namespace branchynet

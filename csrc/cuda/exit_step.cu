@@ -495,33 +495,12 @@ void launch_gather(const char* src, char* dst, const int64_t* index, int64_t M, 
 
 at::Tensor gather_rows_cuda(const at::Tensor& features, const at::Tensor& index) {
   TORCH_CHECK(features.is_cuda(), "branchynet::gather_rows (CUDA): features must be a CUDA tensor");
-  TORCH_CHECK(features.dim() >= 1, "gather_rows: features need a batch dimension");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1,
-              "gather_rows: index must be a 1-D int64 tensor, got ", index.scalar_type(), " ", index.sizes());
-  TORCH_CHECK(index.device() == features.device(), "gather_rows: index is on ", index.device(),
-              " but features are on ", features.device());
-
   const c10::cuda::CUDAGuard guard(features.device());
-  // Same rule as the oracle (gather_rows_torch): channels_last 4-D stays channels_last,
-  // anything else comes out contiguous.
-  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-  at::Tensor src = features;
-  if (!features.is_contiguous()) {
-    if (features.dim() == 4 && features.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      fmt = at::MemoryFormat::ChannelsLast;
-    } else {
-      src = features.contiguous();
-    }
-  }
-  const at::Tensor idx = index.contiguous();
-  const int64_t M = idx.size(0);
-  const int64_t K = src.size(0);
-  std::vector<int64_t> sizes = src.sizes().vec();
-  sizes[0] = M;
-  at::Tensor out = at::empty(sizes, src.options().memory_format(fmt));
-  int64_t inner = 1;
-  for (size_t d = 1; d < sizes.size(); ++d) inner *= sizes[d];
-  const int64_t row_bytes = inner * static_cast<int64_t>(src.element_size());
+  GatherPlan plan = plan_gather(features, index);
+  const at::Tensor& src = plan.src;
+  const at::Tensor& idx = plan.idx;
+  at::Tensor out = plan.out;
+  const int64_t M = plan.M, K = plan.K, row_bytes = plan.row_bytes;
   if (M == 0 || row_bytes == 0) return out;
   TORCH_CHECK(K > 0, "gather_rows: index into an empty batch");
 
