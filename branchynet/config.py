@@ -84,6 +84,21 @@ class ExitConfig:
             self.weights = (1.0,) * self.num_exits
         self.weights = check_weights(self.weights, self.num_exits)
         criterion_id(self.criterion)
+        object.__setattr__(self, "_ready", True)  # from here on, assignments are validated
+
+    def __setattr__(self, name, value) -> None:
+        # Assignments after construction are validated like the constructor's arguments
+        # (``model.exit_config.thresholds = ...`` must not smuggle in a NaN).
+        if "_ready" in self.__dict__ and name in ("thresholds", "weights", "criterion"):
+            if name == "thresholds":
+                value = check_thresholds(value, self.num_exits)
+            elif name == "weights":
+                value = check_weights(value, self.num_exits)
+            else:
+                criterion_id(value)
+        elif name == "num_exits" and "_ready" in self.__dict__:
+            raise AttributeError("num_exits is fixed by the model; build a new ExitConfig")
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         return {

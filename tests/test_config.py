@@ -16,6 +16,21 @@ def test_defaults_and_round_trip():
     assert ExitConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_assignment_is_validated():
+    cfg = ExitConfig(3)
+    cfg.thresholds = [0.1, 0.2]
+    assert cfg.thresholds == (0.1, 0.2)
+    with pytest.raises(ValueError, match="NaN"):
+        cfg.thresholds = [0.1, float("nan")]
+    with pytest.raises(ValueError, match="expected 3"):
+        cfg.weights = [1.0]
+    with pytest.raises(ValueError, match="criterion"):
+        cfg.criterion = "foo"
+    with pytest.raises(AttributeError, match="num_exits"):
+        cfg.num_exits = 4
+    assert cfg.thresholds == (0.1, 0.2) and cfg.weights == (1.0, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("kwargs,err,msg", [
     (dict(num_exits=0), ValueError, "num_exits"),
     (dict(num_exits=2.0), TypeError, "num_exits"),
