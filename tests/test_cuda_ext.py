@@ -471,3 +471,32 @@ def test_cuda_dispatch_uses_extension():
     bufs = make_buffers(100, 10, torch.float32, "cuda")
     surv, _, count = ops.exit_step(logits, rows, 1.0, 0, *bufs, backend="cuda")
     assert 0 <= int(count) <= 100 and not math.isnan(float(bufs[3][bufs[2] == 0].sum()))
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=needs_ops),
+    pytest.param("cuda", marks=needs_cuda_ops),
+])
+@pytest.mark.parametrize("c", [10, 1000, 3000])
+def test_small_entropies_are_accurate_relative_to_themselves(device, c):
+    # Confident rows (entropies down to 1e-10): the kernels take log S as log1p of the
+    # sum of every e but the largest (CUDA, fp32) or sum in double (CPU); plain fp32
+    # logf(S) would miss the entropy by ~5 % at 1e-6.
+    from branchynet.ops._torch import exit_step_torch
+
+    g = torch.Generator().manual_seed(c)
+    k = 256
+    z = torch.randn(k, c, generator=g, dtype=torch.float64)
+    z[torch.arange(k), torch.randint(0, c, (k,), generator=g)] += 8 + 16 * torch.rand(k, generator=g)
+    z = z.float()
+    def bufs(dev):
+        return (torch.empty(k, c, device=dev), torch.empty(k, dtype=torch.int64, device=dev),
+                torch.empty(k, dtype=torch.int64, device=dev), torch.empty(k, device=dev))
+    got = bufs(device)
+    torch.ops.branchynet.exit_step(z.to(device), torch.arange(k, device=device), 0.0, 0, 0, True, *got)
+    want = bufs("cpu")
+    exit_step_torch(z, torch.arange(k), 0.0, 0, 0, True, *want)
+    assert float(want[3].min()) < 1e-5  # the regime fp32 logf(S) gets wrong by > 0.1 %
+    rel = ((got[3].cpu().double() - want[3].double()).abs() / want[3].double().clamp_min(1e-30)).max()
+    assert rel < 1e-5, float(rel)
+    assert torch.equal(got[1].cpu(), want[1])

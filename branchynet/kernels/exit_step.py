@@ -69,6 +69,15 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _log1p(x):
+    # log(1 + x) without losing x when x < 6e-8 (Goldberg's correction): S = 1 + R with R
+    # the sum of every e but the largest (which is exactly 1), and fp32 log(S) would lose
+    # ~5 % of the entropy at 1e-6, where the thresholds of confident networks lie.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
 def _score(h, s, e2, CRITERION: tl.constexpr):
     """Criterion score from the entropy ``h``, the sum of exp ``s`` (the top class has
     ``e = exp(0) = 1``, so ``p1 = 1 / s`` exactly as ``max(e / s)`` in the reference) and
@@ -138,7 +147,10 @@ def _exit_step_tile_kernel(
     e = tl.where(m2, tl.exp(d), 0.0)
     ed = tl.where(e > 0, e * d, 0.0)
     s = tl.sum(e, axis=1)
-    h = tl.log(s) - tl.sum(ed, axis=1) / s
+    # Every e but the argmax column's (exactly 1): log S = log1p(rest). Rows whose max
+    # is not finite have a NaN s, and so a NaN entropy, either way.
+    rest = tl.sum(tl.where(col[None, :] == pred[:, None], 0.0, e), axis=1)
+    h = _log1p(rest) - tl.sum(ed, axis=1) / s
     h = tl.where(h < 0, 0.0, h)
 
     if CRITERION == 2:
@@ -189,6 +201,7 @@ def _exit_step_chunked_kernel(
     mr = tl.full([ROWS], ninf, tl.float32)
     s = tl.zeros([ROWS], tl.float32)
     t = tl.zeros([ROWS], tl.float32)
+    rest = tl.zeros([ROWS], tl.float32)  # s minus its largest term (exactly 1): log s = log1p(rest)
     bad = tl.zeros([ROWS], tl.int1)
     for c0 in range(0, C, CHUNK):
         cc = c0 + col
@@ -217,11 +230,18 @@ def _exit_step_chunked_kernel(
         # Rescale: sum e'(d + mr - mn) with e' = alpha e; s == 0 while nothing finite
         # has been seen (0 * -inf would be NaN).
         t = tl.where(s > 0, alpha * (t + s * (mr - mn)), 0.0) + tl.sum(ed, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
+        csum = tl.sum(e, axis=1)
+        # A chunk with a new maximum: the old top term (1, rescaled by alpha) joins the
+        # rest, and the chunk's first maximum (exactly 1) becomes the top. Otherwise every
+        # term of the chunk, ties with the running maximum included, joins the rest.
+        cf, cfarg = tl.max(zf, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        crest = tl.sum(tl.where(col[None, :] == cfarg[:, None], 0.0, e), axis=1)
+        rest = tl.where(cf > mr, alpha * (1.0 + rest) + crest, rest + csum)
+        s = alpha * s + csum
         mr = mn
 
     nan = float("nan")
-    h = tl.log(s) - t / s
+    h = _log1p(rest) - t / s
     h = tl.where(h < 0, 0.0, h)
     h = tl.where(bad | (best == ninf), nan, h)
     e2 = tl.exp(second - best)
