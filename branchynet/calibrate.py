@@ -11,7 +11,7 @@ import csv
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -77,9 +77,10 @@ def collect_exit_outputs(model: BranchyNet, data, *, criterion: str | None = Non
     try:
         for x, y in loader:
             outs = model(x.to(device))
-            s, p = zip(*[(sc, pr) for sc, _, pr in (exit_scores(z, criterion) for z in outs)])
-            scores.append(torch.stack(s).double().cpu())  # the exact values the engine compares
-            preds.append(torch.stack(p).cpu())
+            scored = [exit_scores(z, criterion) for z in outs]  # (score, entropy, pred) per exit
+            # float64: the exact values the engine compares with the thresholds
+            scores.append(torch.stack([sc for sc, _, _ in scored]).double().cpu())
+            preds.append(torch.stack([pr for _, _, pr in scored]).cpu())
             targets.append(y.cpu())
     finally:
         model.train(was_training)

@@ -39,6 +39,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "load_checkpoint",
+    "build_from_checkpoint",
     "load_engine",
     "read_checkpoint",
     "save_checkpoint",
@@ -266,10 +267,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
             does not know, or weights that do not fit it.
     """
     ckpt = read_checkpoint(path, map_location=map_location)
-    return _build(ckpt, Path(path))
+    return build_from_checkpoint(ckpt, Path(path))
 
 
-def _build(ckpt: dict, path: Path):
+def build_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>"):
+    """:func:`load_checkpoint` for a dict :func:`read_checkpoint` already returned (one
+    read when the caller also needs its ``extra``); ``path`` names it in errors."""
     from .models.registry import MODELS, build_model
 
     arch = ckpt["arch"]

@@ -82,11 +82,37 @@ def _fmt_ms(t):
     return f"{t * 1e3:.3f}"
 
 
+def _calibrate_and_write(model, splits, device, out: Path, *, max_drop=None, min_accuracy=None):
+    """Sweep thresholds on the validation split with measured path times (batch of 256);
+    write the sweep (CSV) and the Pareto plot (PNG) into ``out``."""
+    from .calibrate import calibrate, measure_path_times
+
+    xv, _ = _tensors(splits.val)
+    path_times = measure_path_times(model, xv[:256].to(device), repeats=5)
+    cal = calibrate(model, splits.val, max_drop=max_drop, min_accuracy=min_accuracy,
+                    path_times=path_times, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    cal.to_csv(out / "calibration.csv")
+    try:
+        cal.plot(out / "pareto.png")
+    except ImportError:
+        print("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
+    return cal
+
+
+def _open_checkpoint(args):
+    """``(model in eval mode, extra, data set name or None)``, reading the file once."""
+    from .checkpoint import build_from_checkpoint, read_checkpoint
+
+    raw = read_checkpoint(args.checkpoint, map_location=args.device)
+    extra = raw.get("extra") or {}
+    return build_from_checkpoint(raw, args.checkpoint).eval(), extra, args.dataset or extra.get("dataset")
+
+
 # --- demo ------------------------------------------------------------------------------
 
 def run_demo(args) -> dict:
     """Train a B-model and its backbone-only twin, calibrate, time, print Table I."""
-    from .calibrate import calibrate, measure_path_times
     from .checkpoint import save_checkpoint
     from .data import default_dataset_for, load_dataset
     from .engine import EarlyExitEngine
@@ -99,8 +125,7 @@ def run_demo(args) -> dict:
         torch.set_num_threads(args.threads)
     name = args.model
     dataset = args.dataset or default_dataset_for(name.replace("-", "_"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by the calibration step, which writes there first
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
     if args.limit:
         splits.train = torch.utils.data.Subset(splits.train, range(min(args.limit, len(splits.train))))
@@ -120,17 +145,9 @@ def run_demo(args) -> dict:
     baseline = twin.backbone_only().eval()
     model.eval()
 
-    xv, _ = _tensors(splits.val)
-    path_times = measure_path_times(model, xv[:256].to(device), repeats=5)
-    cal = calibrate(model, splits.val, max_drop=args.max_drop, path_times=path_times, device=device)
+    cal = _calibrate_and_write(model, splits, device, out, max_drop=args.max_drop)
     thresholds = cal.chosen["thresholds"]
-    model.exit_config = ExitConfig(n, thresholds=thresholds, weights=model.exit_config.weights,
-                                   criterion=model.exit_config.criterion)
-    cal.to_csv(out / "calibration.csv")
-    try:
-        cal.plot(out / "pareto.png")
-    except ImportError:
-        print("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
+    model.exit_config.thresholds = thresholds
     save_checkpoint(out / "model.pt", model, extra={"dataset": dataset, "seed": args.seed})
 
     xt, yt = _tensors(splits.test)
@@ -213,48 +230,35 @@ def run_train(args) -> None:
 
 
 def run_calibrate(args) -> None:
-    from .calibrate import calibrate, measure_path_times
-    from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .data import load_dataset
 
-    raw = read_checkpoint(args.checkpoint)
-    extra = raw.get("extra") or {}
-    dataset = args.dataset or extra.get("dataset")
+    model, extra, dataset = _open_checkpoint(args)
     if dataset is None:
         raise SystemExit("error: the checkpoint does not name its data set: pass --dataset")
-    model = load_checkpoint(args.checkpoint, map_location=args.device).eval()
     splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))
-    xv, _ = _tensors(splits.val)
-    pt = measure_path_times(model, xv[:256].to(args.device), repeats=5)
-    cal = calibrate(model, splits.val, max_drop=None if args.min_accuracy is not None else args.max_drop,
-                    min_accuracy=args.min_accuracy, path_times=pt, device=args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cal.to_csv(out / "calibration.csv")
-    cal.plot(out / "pareto.png")
+    cal = _calibrate_and_write(model, splits, args.device, out,
+                               max_drop=None if args.min_accuracy is not None else args.max_drop,
+                               min_accuracy=args.min_accuracy)
     c = cal.chosen
     print(f"final exit accuracy {100 * cal.final_accuracy:.2f} %; chosen thresholds {c['thresholds']}: "
           f"accuracy {100 * c['accuracy']:.2f} %, exits {[round(100 * f, 1) for f in c['exit_fractions']]} %, "
           f"ideal speedup {c['ideal_speedup']:.2f}x, target {'met' if cal.target['met'] else 'NOT met'}")
     print(f"wrote {out / 'calibration.csv'} and {out / 'pareto.png'}")
     if args.write:
-        cfg = model.exit_config
-        model.exit_config = ExitConfig(cfg.num_exits, thresholds=c["thresholds"], weights=cfg.weights,
-                                       criterion=cfg.criterion)
+        model.exit_config.thresholds = c["thresholds"]
         save_checkpoint(args.checkpoint, model, extra=extra)
         print(f"thresholds written to {args.checkpoint}")
 
 
 def run_bench(args) -> None:
-    from .checkpoint import load_checkpoint, read_checkpoint
     from .data import load_dataset
     from .engine import EarlyExitEngine
     from .flops import profile_flops
     from .timing import time_per_sample
 
-    extra = read_checkpoint(args.checkpoint).get("extra") or {}
-    model = load_checkpoint(args.checkpoint, map_location=args.device).eval()
-    dataset = args.dataset or extra.get("dataset")
+    model, extra, dataset = _open_checkpoint(args)
     if dataset:
         x, _ = _tensors(load_dataset(dataset, args.data_root, seed=extra.get("seed", 0)).test)
     else:

@@ -9,12 +9,10 @@ gathers the survivors' features, so deeper stages run only on unresolved samples
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from .config import check_thresholds, criterion_id
 from .models.branchynet import BranchyNet
@@ -144,7 +142,7 @@ class EarlyExitEngine:
                 raise ValueError(f"x must have shape [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
         elif x.dim() < 1:
             raise ValueError("x must have a batch dimension (rank >= 1)")
-        p = self._first_tensor()
+        p = self._first_tensor()  # one lookup for the device and the dtype checks
         dev = p.device if p is not None else torch.device("cpu")
         if x.device != dev:
             raise ValueError(f"x is on {x.device} but the model is on {dev}; move one of them")
@@ -223,15 +221,12 @@ class EarlyExitEngine:
         if x.shape[0] == 0:
             return self._run(x)
         results = [self._run(x[i:i + 1]) for i in range(x.shape[0])]
-        counts = [0] * self.num_exits
-        for r in results:
-            counts[int(r.exit[0])] += 1
         return ExitResult(
             logits=torch.cat([r.logits for r in results]),
             pred=torch.cat([r.pred for r in results]),
             exit=torch.cat([r.exit for r in results]),
             entropy=torch.cat([r.entropy for r in results]),
-            counts=counts,
+            counts=[sum(c) for c in zip(*(r.counts for r in results))],
         )
 
 

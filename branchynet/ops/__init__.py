@@ -26,7 +26,8 @@ import os
 
 import torch
 
-from ..config import CRITERIA, criterion_id
+from ..config import criterion_id
+from ..exits import _check_logits
 from ._torch import exit_step_torch, gather_rows_torch
 
 __all__ = [
@@ -54,7 +55,7 @@ try:  # the compiled extension registers torch.ops.branchynet.* on import
     _register_fakes()  # shapes for torch.compile / FakeTensor tracing of the compiled ops
 except Exception as err:  # ImportError, or an ABI mismatch with this torch
     _EXT_ERROR = f"{type(err).__name__}: {err}"
-    log.debug("branchynet._C not available (%s); the cuda backend is off", _EXT_ERROR)
+    log.debug("branchynet._C not available (%s); the cuda and cpp backends are off", _EXT_ERROR)
 
 _TRITON = None
 _TRITON_ERROR: str | None = None
@@ -69,17 +70,15 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _ext_has(device_type: str) -> bool:
-    if _EXT is None:
-        return False
-    return bool(getattr(_EXT, "has_cuda", lambda: False)()) if device_type == "cuda" else False
+def _ext_has_cuda() -> bool:
+    return _EXT is not None and bool(_EXT.has_cuda())
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run the exit op on ``device``, fastest first."""
     dev = torch.device(device)
     out = []
-    if dev.type == "cuda" and _ext_has("cuda"):
+    if dev.type == "cuda" and _ext_has_cuda():
         out.append("cuda")
     if _TRITON is not None and (dev.type == "cuda" or (dev.type == "cpu" and _triton_interpret())):
         out.append("triton")
@@ -117,7 +116,7 @@ def backend_status() -> dict:
     """What is built and importable, for ``branchynet info``."""
     return {
         "extension": "loaded" if _EXT is not None else f"not available ({_EXT_ERROR})",
-        "extension_cuda": _ext_has("cuda"),
+        "extension_cuda": _ext_has_cuda(),
         "extension_cpu": _EXT is not None,
         "triton_kernels": "available" if _TRITON is not None else f"not available ({_TRITON_ERROR})",
         "auto_cpu": resolve_backend("auto", "cpu"),
@@ -127,23 +126,15 @@ def backend_status() -> dict:
 
 # --- the op ----------------------------------------------------------------------------
 
-_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, out_entropy):
-    for name, t in (("logits", logits), ("rows", rows), ("out_logits", out_logits),
+    _check_logits(logits)  # rank 2, a float dtype, C >= 1: the reference's own check
+    for name, t in (("rows", rows), ("out_logits", out_logits),
                     ("out_pred", out_pred), ("out_exit", out_exit), ("out_entropy", out_entropy)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [K, C] (rank 2), got {tuple(logits.shape)}")
-    if logits.dtype not in _LOGIT_DTYPES + (torch.float64,):
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     k, c = logits.shape
-    if c < 1:
-        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
     if rows.dtype != torch.int64 or rows.shape != (k,):
         raise ValueError(f"rows must be int64 of shape [{k}], got {rows.dtype} {tuple(rows.shape)}")
     if out_logits.dim() != 2 or out_logits.shape[1] != c:
