@@ -99,7 +99,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["branchynet", "branchynet.*"]),
+    # kernels/ (the Triton sources) sits at the top level of the repository and installs as
+    # branchynet.kernels; no top-level `kernels` package is installed.
+    packages=find_packages(include=["branchynet", "branchynet.*"]) + ["branchynet.kernels"],
+    package_dir={"branchynet.kernels": "kernels"},
     install_requires=["torch>=2.1", "numpy>=1.21"],
     extras_require={
         "demo": DEMO,

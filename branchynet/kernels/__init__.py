@@ -1,1 +1,0 @@
-"""Triton kernels of the exit op (imported lazily by :mod:`branchynet.ops`)."""
