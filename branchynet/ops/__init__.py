@@ -8,8 +8,9 @@ backend       where it runs                           what it is
 ``torch``     any device                              reference and fallback
 ``triton``    CUDA (CPU only under TRITON_INTERPRET)  fused Triton kernel
 ``cuda``      CUDA, from the compiled ``branchynet._C`` fused CUDA C++ kernel
-``cpp``       CPU, from the compiled ``branchynet._C`` fused C++ loop (6-20x the torch path
-                                                      on the CPU: one pass, no temporaries)
+``cpp``       CPU, from the compiled ``branchynet._C`` fused C++ loop (one pass, no
+                                                      temporaries; 1.08-10x the torch path
+                                                      in benchmarks/results/cpu/report.md)
 ============  =====================================  ======================================
 
 ``backend="auto"`` picks ``cuda > triton > torch`` on a CUDA device and ``cpp > torch``
