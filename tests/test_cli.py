@@ -73,7 +73,7 @@ def test_module_entry_point_and_bad_arguments():
     (["train", "--weights", "1,a"], "comma-separated numbers"),
 ])
 def test_bad_arguments_are_usage_errors(argv, msg, capsys):
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(SystemExit, match="^2$") as err:  # argparse's usage-error exit
         main(argv)
     assert err.value.code == 2 and msg in capsys.readouterr().err
 

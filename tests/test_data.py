@@ -3,6 +3,7 @@ errors for data sets that are not available."""
 
 import gzip
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -300,7 +301,7 @@ def test_cifar10_from_local_files(tmp_path, no_torchvision):
     ("cifar10", "data_batch_1"),
 ])
 def test_standard_set_without_torchvision_or_files(tmp_path, no_torchvision, name, wanted):
-    with pytest.raises(DatasetUnavailable) as info:
+    with pytest.raises(DatasetUnavailable, match=re.escape(wanted)) as info:
         load_dataset(name, root=tmp_path)
     msg = str(info.value)
     assert repr(name) in msg and wanted in msg and str(tmp_path) in msg

@@ -138,9 +138,9 @@ def test_resume_equals_uninterrupted_mlp(tmp_path, digits8, opts):
     def crash_after_epoch_2(line):
         # log runs after the epoch's checkpoint is written: a crash here loses nothing.
         if line.startswith("epoch 2"):
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("crash after epoch 2")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="crash after epoch 2"):
         train(first, digits8, **kw, checkpoint=ckpt, log=crash_after_epoch_2)
     assert read_checkpoint(ckpt)["epoch"] == 2
     torch.manual_seed(12345)  # whatever happens in between must not matter
