@@ -5,9 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from branchynet import entropy, exit_scores
+import branchynet as bn
+from branchynet import CRITERIA, entropy, exit_scores
 from branchynet.exits import exit_mask
+from branchynet.ops import available_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -132,3 +135,51 @@ def test_confident_rows_small_entropy_relative_accuracy(dtype):
     ref = ref_entropy(z.double().numpy())
     assert ref.min() < 1e-6  # the regime this test is about
     np.testing.assert_allclose(entropy(z).double().numpy(), ref, rtol=1e-5, atol=1e-12)
+
+
+class _NaNWhereFirstFeatureIsZero(nn.Module):
+    """Side-branch logits that are NaN exactly for the rows whose first feature is 0."""
+
+    def forward(self, h):
+        return h * (h[:, :1] / h[:, :1])  # 0 / 0 = NaN; x / x = 1 elsewhere
+
+
+def _nan_model(num_classes=5):
+    torch.manual_seed(0)
+    stages = [nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6), nn.ReLU()), nn.Linear(6, 6)]
+    branches = [nn.Sequential(_NaNWhereFirstFeatureIsZero(), nn.Linear(6, num_classes)),
+                nn.Linear(6, num_classes), nn.Linear(6, num_classes)]
+    return bn.from_stages(stages, branches, input_shape=(6,)).eval()
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_engine_routes_nan_rows_past_the_side_branches(backend, criterion):
+    # Thresholds so high that every finite row leaves at its first exit: only the NaN
+    # rule keeps a row in. Rows 1, 4: NaN input, so NaN logits at every exit: they must
+    # reach the last exit. Rows 2, 6: NaN at branch 0 only (stage 0 makes their first
+    # feature exactly 0): they must go on to exit 1 and leave there.
+    model = _nan_model()
+    with torch.no_grad():
+        model.stages[0].weight[0] = torch.tensor([1.0, 0, 0, 0, 0, 0])
+        model.stages[0].bias[0] = 0.0  # stage 0's first feature = x[:, 0]
+    x = torch.randn(8, 6)
+    x[:, 0] = 1.0 + torch.rand(8)
+    x[[2, 6], 0] = 0.0
+    x[[1, 4]] = float("nan")
+    engine = bn.EarlyExitEngine(model, thresholds=[1e9, 1e9], backend=backend, criterion=criterion)
+    res = engine(x)
+    nan_everywhere, nan_at_branch0, finite = [1, 4], [2, 6], [0, 3, 5, 7]
+    assert res.exit.tolist() == [0, 2, 1, 0, 2, 0, 1, 0]
+    assert res.counts == [4, 2, 2]
+    assert torch.isnan(res.entropy[nan_everywhere]).all() and torch.isnan(res.logits[nan_everywhere]).all()
+    assert res.pred[nan_everywhere].tolist() == [0, 0]  # all-NaN row: NaN counts as +inf, first wins
+    with torch.no_grad():
+        outs = model(x)
+    # The rows that were NaN only at branch 0 get exactly what exit 1 computes for them.
+    torch.testing.assert_close(res.logits[nan_at_branch0], outs[1][nan_at_branch0])
+    torch.testing.assert_close(res.entropy[nan_at_branch0], entropy(outs[1][nan_at_branch0]))
+    assert res.pred[nan_at_branch0].tolist() == outs[1][nan_at_branch0].argmax(1).tolist()
+    torch.testing.assert_close(res.logits[finite], outs[0][finite])
+    # The paper's one-sample loop takes the same exits.
+    assert engine.per_sample(x).exit.tolist() == res.exit.tolist()
