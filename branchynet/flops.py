@@ -52,9 +52,24 @@ class FlopProfile:
         return float(sum(self.stage) + self.branch[-1])
 
     def expected(self, fractions: Sequence[float]) -> float:
-        """Mean per-sample cost for an exit profile ``f_1 .. f_N`` (fractions, sum 1)."""
+        """Mean per-sample cost for an exit profile ``f_1 .. f_N``.
+
+        Args:
+            fractions: N fractions of the samples leaving at each exit, each in [0, 1],
+                summing to 1 (to 1e-6: fractions computed from counts round).
+
+        Raises:
+            ValueError: wrong length, a fraction outside [0, 1] (or NaN), or a sum other
+                than 1: ``[0.5, 0]`` would halve the cost (double the speedup).
+        """
         if len(fractions) != self.num_exits:
             raise ValueError(f"fractions: expected {self.num_exits} values, got {len(fractions)}")
+        fractions = [float(f) for f in fractions]
+        if not all(0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"fractions: each must be in [0, 1], got {fractions}")
+        if abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1 (an exit profile), got {fractions} "
+                             f"(sum {sum(fractions):.6g})")
         return float(sum(f * self.path(n) for n, f in enumerate(fractions)))
 
     def ideal_speedup(self, fractions: Sequence[float]) -> float:
