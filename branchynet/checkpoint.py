@@ -277,11 +277,14 @@ def build_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>"):
 
     arch = ckpt["arch"]
     name = arch.get("name") if isinstance(arch, dict) else None
-    kwargs = dict(arch.get("kwargs") or {}) if isinstance(arch, dict) else {}
-    if name is None or _registry_key(name) not in {_registry_key(k) for k in MODELS}:
+    kwargs = arch.get("kwargs") if isinstance(arch, dict) else None
+    if not isinstance(name, str) or _registry_key(name) not in {_registry_key(k) for k in MODELS}:
         raise CheckpointError(
             f"{path}: unknown architecture {name!r}; this branchynet knows {sorted(MODELS)}"
         )
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: arch['kwargs'] must be a dict, got {kwargs!r}")
+    kwargs = dict(kwargs or {})
     try:
         exit_config = ExitConfig.from_dict(ckpt["exit_config"])
     except Exception as err:
