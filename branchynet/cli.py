@@ -64,13 +64,23 @@ def _build(name: str, splits, exit_config: ExitConfig | None = None):
     from .models.registry import build_model
 
     model = build_model(name, **_model_kwargs(name, splits))
-    if tuple(model.input_shape) != tuple(splits.input_shape):
-        raise SystemExit(
-            f"error: {name} takes inputs of shape {model.input_shape} but data set {splits.name!r} "
-            f"has {tuple(splits.input_shape)}; pick a matching --dataset")
+    _check_fits(model, splits, name)
     if exit_config is not None:
         model.exit_config = exit_config
     return model
+
+
+def _check_fits(model, splits, what: str) -> None:
+    """Refuse a data set the model cannot take: its forward pass would fail deep inside,
+    or accuracy would be measured against labels the model cannot predict."""
+    if model.input_shape is not None and tuple(model.input_shape) != tuple(splits.input_shape):
+        raise SystemExit(
+            f"error: {what} takes inputs of shape {tuple(model.input_shape)} but data set "
+            f"{splits.name!r} has {tuple(splits.input_shape)}; pick a matching --dataset")
+    if model.num_classes is not None and model.num_classes != splits.num_classes:
+        raise SystemExit(
+            f"error: {what} predicts {model.num_classes} classes but data set {splits.name!r} "
+            f"has {splits.num_classes}; pick a matching --dataset")
 
 
 def _tensors(ds, limit=None):
@@ -237,6 +247,7 @@ def run_calibrate(args) -> None:
     if dataset is None:
         raise SystemExit("error: the checkpoint does not name its data set: pass --dataset")
     splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))
+    _check_fits(model, splits, args.checkpoint)
     out = Path(args.out)
     cal = _calibrate_and_write(model, splits, args.device, out,
                                max_drop=None if args.min_accuracy is not None else args.max_drop,
@@ -260,7 +271,9 @@ def run_bench(args) -> None:
 
     model, extra, dataset = _open_checkpoint(args)
     if dataset:
-        x, _ = _tensors(load_dataset(dataset, args.data_root, seed=extra.get("seed", 0)).test)
+        splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))
+        _check_fits(model, splits, args.checkpoint)
+        x, _ = _tensors(splits.test)
     else:
         x = torch.randn(1024, *model.input_shape)
     x = x[: args.samples].to(args.device)

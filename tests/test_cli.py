@@ -81,3 +81,107 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
 def test_missing_checkpoint_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# -- paths that must end in a clear message ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lenet_ckpt(tmp_path_factory):
+    """An untrained B-LeNet checkpoint that names the offline 'digits' set (10 classes,
+    1x28x28), and one that names no data set: the CLI paths below need no training."""
+    import torch
+
+    from branchynet.checkpoint import save_checkpoint
+    from branchynet.models.registry import build_model
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = build_model("b_lenet")
+    return (save_checkpoint(d / "digits.pt", model, extra={"dataset": "digits", "seed": 0}),
+            save_checkpoint(d / "nodata.pt", model))
+
+
+def test_bench_batch_larger_than_the_data(lenet_ckpt):
+    with_data, without = lenet_ckpt
+    with pytest.raises(SystemExit,
+                       match=r"--batch-sizes \[64\] exceed the 32 samples available \(--samples 32\)"):
+        main(["bench", str(with_data), "--batch-sizes", "1,64", "--samples", "32", "--repeats", "1"])
+    # The data set's test split (359 digits) is smaller than --samples (1024 by default).
+    with pytest.raises(SystemExit,
+                       match=r"--batch-sizes \[512, 1024\] exceed the 359 samples available \(--samples 1024\)"):
+        main(["bench", str(with_data), "--batch-sizes", "8,512,1024", "--repeats", "1"])
+    with pytest.raises(SystemExit, match=r"--batch-sizes \[16\] exceed the 8 samples available"):
+        main(["bench", str(without), "--batch-sizes", "16", "--samples", "8", "--repeats", "1"])
+
+
+def test_calibrate_a_checkpoint_without_a_data_set(lenet_ckpt, tmp_path, capsys):
+    _, without = lenet_ckpt
+    with pytest.raises(SystemExit, match="the checkpoint does not name its data set: pass --dataset"):
+        main(["calibrate", str(without), "--out", str(tmp_path)])
+    assert not (tmp_path / "calibration.csv").exists()
+    assert main(["calibrate", str(without), "--dataset", "digits", "--out", str(tmp_path)]) == 0
+    assert "chosen thresholds" in capsys.readouterr().out and (tmp_path / "calibration.csv").exists()
+
+
+def test_calibrate_min_accuracy(lenet_ckpt, tmp_path, capsys, monkeypatch):
+    import branchynet.calibrate
+
+    # Fixed path times (exit 1 costs 3x exit 0): the cheapest combination is known.
+    monkeypatch.setattr(branchynet.calibrate, "measure_path_times", lambda *a, **k: [1.0, 3.0])
+    with_data, _ = lenet_ckpt
+
+    def chosen(min_accuracy):
+        assert main(["calibrate", str(with_data), "--out", str(tmp_path),
+                     "--min-accuracy", min_accuracy]) == 0
+        out = capsys.readouterr().out
+        m = re.search(r"accuracy ([\d.]+) %, exits \[([^\]]+)\] %.*target (met|NOT met)", out)
+        assert m, out
+        return float(m.group(1)), [float(v) for v in m.group(2).split(",")], m.group(3)
+
+    # Any accuracy will do: every sample leaves at the first exit, the cheapest.
+    assert chosen("0")[1:] == ([100.0, 0.0], "met")
+    # 100 % is out of reach of an untrained network (a --max-drop target never is: the
+    # final exit alone meets it): the most accurate combination, and "NOT met".
+    acc, _, met = chosen("1")
+    with open(tmp_path / "calibration.csv") as f:
+        best = max(float(row.split(",")[1]) for row in list(f)[1:])
+    assert met == "NOT met" and acc == pytest.approx(100 * best, abs=0.006)
+
+
+def test_model_and_data_set_that_do_not_fit(lenet_ckpt, tmp_path):
+    from branchynet.checkpoint import save_checkpoint
+    from branchynet.models.registry import build_model
+
+    with pytest.raises(SystemExit, match=r"b-alexnet takes inputs of shape \(3, 32, 32\) but data set "
+                                         r"'digits' has \(1, 28, 28\)"):
+        main(["train", "--model", "b-alexnet", "--dataset", "digits", "--out", str(tmp_path / "a.pt")])
+    assert not (tmp_path / "a.pt").exists()
+    alexnet = save_checkpoint(tmp_path / "alexnet.pt", build_model("b_alexnet"))
+    five = save_checkpoint(tmp_path / "five.pt", build_model("b_lenet", num_classes=5))
+    for cmd in (["calibrate", "--out", str(tmp_path / "cal")], ["bench", "--repeats", "1"]):
+        with pytest.raises(SystemExit, match=r"alexnet.pt takes inputs of shape \(3, 32, 32\) but data "
+                                             r"set 'digits' has \(1, 28, 28\)"):
+            main([cmd[0], str(alexnet), "--dataset", "digits", *cmd[1:]])
+        with pytest.raises(SystemExit, match=r"five.pt predicts 5 classes but data set 'digits' has 10"):
+            main([cmd[0], str(five), "--dataset", "digits", *cmd[1:]])
+
+
+def test_dataset_unavailable_exits_with_code_2(tmp_path, monkeypatch, capsys):
+    import sys as _sys
+
+    # No files under --data-root and no torchvision to download them.
+    monkeypatch.setitem(_sys.modules, "torchvision", None)
+    monkeypatch.setitem(_sys.modules, "torchvision.datasets", None)
+    assert main(["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--epochs", "1",
+                 "--out", str(tmp_path / "m.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'mnist'" in err and "train-images-idx3-ubyte" in err
+    assert "Traceback" not in err and not (tmp_path / "m.pt").exists()
+
+
+def test_process_exit_code_is_mains(tmp_path):
+    # `python -m branchynet` hands main's return value to the shell.
+    r = subprocess.run([sys.executable, "-m", "branchynet", "calibrate", str(tmp_path / "nope.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "does not exist" in r.stderr
