@@ -104,5 +104,31 @@ def test_from_stages_user_backbone_with_engine():
     stages = [nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())]
     model = bn.from_stages(stages, [None, nn.Linear(16, 3)], num_classes=3,
                            example_input=torch.randn(2, 6))
-    res = bn.EarlyExitEngine(model, [0.9])(torch.randn(50, 6))
+    x = torch.randn(50, 6)
+    with torch.no_grad():
+        outs = model(x)
+    # Half the batch leaves at exit 0: T midway between two entropies, far from either
+    # (a T equal to a float32 entropy splits backends that compare in float64 and float32).
+    h = bn.entropy(outs[0]).double().sort().values
+    t = float(h[24] + h[25]) / 2
+    res = bn.EarlyExitEngine(model, [t])(x)
     assert sum(res.counts) == 50
+    leave0 = bn.entropy(outs[0]) < t
+    assert 0 < int(leave0.sum()) < 50 and res.counts == [int(leave0.sum()), 50 - int(leave0.sum())]
+    assert res.exit.tolist() == torch.where(leave0, 0, 1).tolist()
+    torch.testing.assert_close(res.logits, torch.where(leave0[:, None], outs[0], outs[1]))
+
+
+def test_from_sequential_names_positional_children_by_index():
+    # nn.Sequential(*modules) names its children "0", "1", ...: the README cuts by the
+    # network's own names through an OrderedDict.
+    from collections import OrderedDict
+
+    layers = [("conv", nn.Conv2d(3, 4, 3)), ("relu", nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
+              ("flat", nn.Flatten()), ("fc", nn.Linear(4, 5))]
+    with pytest.raises(ValueError, match=r"'relu' is not a child of the backbone; children are \['0', '1'"):
+        bn.from_sequential(nn.Sequential(*[m for _, m in layers]), ["relu"], num_classes=5)
+    assert bn.from_sequential(nn.Sequential(*[m for _, m in layers]), ["1"], num_classes=5).num_exits == 2
+    model = bn.from_sequential(nn.Sequential(OrderedDict(layers)), ["relu"], num_classes=5,
+                               example_input=torch.randn(1, 3, 8, 8))
+    assert model.stages[0][-1] is layers[1][1] and model.stages[1][0] is layers[2][1]
