@@ -51,6 +51,10 @@ def run_block(code: str, cwd: Path) -> subprocess.CompletedProcess:
     # The package under test is this checkout's, whatever the scratch folder is.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("MPLBACKEND", "Agg")
+    # One intra-op thread: on a machine whose other cores are busy (CI runners, shared
+    # boxes) every OpenMP region of a 2-thread torch waits a scheduler slice for the
+    # second worker; the training block took 95 s instead of 19 s (load 10, 2 cores).
+    env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
