@@ -152,9 +152,15 @@ def _nan_model(num_classes=5):
     return bn.from_stages(stages, branches, input_shape=(6,)).eval()
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
+_ENGINE_CASES = [("cpu", b) for b in available_backends("cpu")] + [
+    pytest.param("cuda", b, marks=pytest.mark.cuda)
+    for b in (available_backends("cuda") if torch.cuda.is_available() else ("cuda", "triton", "torch"))
+]
+
+
+@pytest.mark.parametrize("device,backend", _ENGINE_CASES)
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_engine_routes_nan_rows_past_the_side_branches(backend, criterion):
+def test_engine_routes_nan_rows_past_the_side_branches(device, backend, criterion):
     # Thresholds so high that every finite row leaves at its first exit: only the NaN
     # rule keeps a row in. Rows 1, 4: NaN input, so NaN logits at every exit: they must
     # reach the last exit. Rows 2, 6: NaN at branch 0 only (stage 0 makes their first
@@ -167,6 +173,7 @@ def test_engine_routes_nan_rows_past_the_side_branches(backend, criterion):
     x[:, 0] = 1.0 + torch.rand(8)
     x[[2, 6], 0] = 0.0
     x[[1, 4]] = float("nan")
+    model, x = model.to(device), x.to(device)
     engine = bn.EarlyExitEngine(model, thresholds=[1e9, 1e9], backend=backend, criterion=criterion)
     res = engine(x)
     nan_everywhere, nan_at_branch0, finite = [1, 4], [2, 6], [0, 3, 5, 7]
