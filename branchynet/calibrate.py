@@ -829,8 +829,8 @@ def calibrate(
         flops: FLOP profile (default counted from the model).
         path_times: seconds per sample to reach each exit (:func:`measure_path_times`),
             a cruder time model than ``latency`` (no compaction).
-        latency: a :class:`~branchynet.latency.LatencyProfile` (default: measured at
-            ``batch_size`` when ``max_latency`` is given).
+        latency: a :class:`~branchynet.latency.LatencyProfile`, or True to measure one at
+            ``batch_size`` on ``val`` (the default when ``max_latency`` is given).
         test: a test Dataset: the chosen thresholds are run there by the engine and its
             measured accuracy, exits, FLOPs (and time) are reported beside the predicted.
         batch_size: the engine's batch size (latency) and the scoring pass's.
@@ -892,11 +892,13 @@ def calibrate(
     if exit_fraction is not None:
         cands[0] = [_exit_fraction_threshold(table, exit_fraction)]
     flops = flops or profile_flops(model)
-    if max_latency is not None and latency is None:
+    if latency is True or (max_latency is not None and latency is None):
         x = _first_inputs(val, batch_size).to(device)
         reps = -(-batch_size // x.shape[0])
         latency = measure_latency(model, x.repeat(reps, *[1] * (x.dim() - 1))[:batch_size],
                                   criterion=table.criterion)
+    if latency is False:
+        latency = None
     if latency is not None:
         if not isinstance(latency, LatencyProfile) or latency.num_exits != n:
             raise ValueError(f"latency must be a LatencyProfile for {n} exits")
