@@ -133,7 +133,8 @@ def _count_exits(table: ExitTable, thresholds: torch.Tensor):
         leave = torch.cat([leave, torch.ones(g, 1, m, dtype=torch.bool)], dim=1)  # last takes all
         exit_idx = leave.to(torch.uint8).argmax(dim=1)                        # first exit taken
         corrects.append(correct_all.gather(0, exit_idx).sum(dim=1))
-        counts.append(torch.nn.functional.one_hot(exit_idx, n).sum(dim=1))
+        flat = (exit_idx + n * torch.arange(g)[:, None]).reshape(-1)
+        counts.append(torch.bincount(flat, minlength=g * n).reshape(g, n))
     if not corrects:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, n, dtype=torch.int64)
     return torch.cat(corrects), torch.cat(counts)
@@ -587,6 +588,28 @@ def _polish(table: ExitTable, cands: list, costs: _Costs, goal: _Goal, start: to
     return torch.cat(thr_l), torch.cat(corr_l), torch.cat(cnt_l)
 
 
+def _exhaustive(table: ExitTable, cands: list):
+    """Every combination: for each choice of the first N-2 thresholds, the last side
+    branch's candidates all at once (:func:`_vary_one`)."""
+    n = table.num_exits
+    last = torch.tensor(cands[-1], dtype=torch.float64)
+    if n > 2:
+        prefixes = torch.cartesian_prod(*[torch.tensor(c, dtype=torch.float64) for c in cands[:-1]])
+        prefixes = prefixes.reshape(-1, n - 2)
+    else:
+        prefixes = torch.zeros(1, 0, dtype=torch.float64)
+    thr_l, corr_l, cnt_l = [], [], []
+    for p in prefixes:
+        cur = torch.cat([p, torch.zeros(1, dtype=torch.float64)])
+        good, counts = _vary_one(table, cur, n - 2, last)
+        grid = cur[None].repeat(last.numel(), 1)
+        grid[:, -1] = last
+        thr_l.append(grid)
+        corr_l.append(good)
+        cnt_l.append(counts)
+    return torch.cat(thr_l), torch.cat(corr_l), torch.cat(cnt_l)
+
+
 def _better(goal: _Goal, mt: dict, i: int, j: int) -> bool:
     ok = goal.feasible(mt)
     if not ok[i]:
@@ -921,9 +944,7 @@ def calibrate(
     combos = math.prod(len(c) for c in cands)
     method = search if search != "auto" else ("exhaustive" if combos <= max_exhaustive else "beam")
     if method == "exhaustive":
-        grid = torch.cartesian_prod(*[torch.tensor(c, dtype=torch.float64) for c in cands]).reshape(-1, n - 1)
-        good, counts = _count_exits(table, grid)
-        thr = grid
+        thr, good, counts = _exhaustive(table, cands)
     else:
         thr, good, counts = _beam_search(table, cands, costs, goal, beam_width)
         # coordinate descent from the best few points the beam found
