@@ -883,8 +883,9 @@ def calibrate(
         raise ValueError(f"exit_fraction is a share in [0, 1], got {exit_fraction}")
     if search not in ("auto", "exhaustive", "beam"):
         raise ValueError(f"search must be 'auto', 'exhaustive' or 'beam', got {search!r}")
-    if path_times is not None and latency is not None:
-        raise ValueError("give path_times or latency, not both (two time models)")
+    if path_times is not None and (latency not in (None, False) or max_latency is not None):
+        raise ValueError("path_times is a time model of its own: give it or latency / max_latency "
+                         "(which use a LatencyProfile), not both")
     if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
     if all(t is None for t in (max_drop, min_accuracy, max_flops, max_latency, exit_fraction)):
@@ -912,6 +913,8 @@ def calibrate(
              for c in cands]
     if any(not c for c in cands):
         raise ValueError("candidates: every side branch needs at least one threshold")
+    if any(not t >= 0 for c in cands for t in c):
+        raise ValueError("candidates: thresholds must be >= 0 and not NaN")
     if exit_fraction is not None:
         cands[0] = [_exit_fraction_threshold(table, exit_fraction)]
     flops = flops or profile_flops(model)
