@@ -110,7 +110,7 @@ def _report(path: str) -> str:
              f"({mi.get('torch_threads')} threads), load average at the end "
              f"{mi.get('load_avg_1_5_15min')}; commit {ci.get('id', '?')[:10]}"
              f"{' (dirty tree)' if ci.get('dirty') else ''}", "",
-             "| target | exits | method | combinations | scored | median s | p20-p80 s (3 rounds) | "
+             "| target | exits | method | combinations | scored | median s | min-max s (3 rounds) | "
              "peak RSS MB | chosen acc % | final acc % | FLOPs / backbone |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in sorted(data["benchmarks"], key=lambda b: (b["extra_info"]["target_name"], b["extra_info"]["n_exits"])):
