@@ -867,7 +867,7 @@ def calibrate(
 
     Raises:
         ValueError: an invalid target, or targets no combination meets (the message gives
-            the best reachable value).
+            the best value reached among the combinations scored, with the other targets met).
     """
     from .latency import LatencyProfile, measure_latency
 

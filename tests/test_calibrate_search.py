@@ -306,3 +306,13 @@ def test_collect_logits_gives_every_exit():
     model, val = mlp(3), data(m=50)
     logits, y = collect_logits(model, val, batch_size=16)
     assert [tuple(z.shape) for z in logits] == [(50, 5)] * 3 and torch.equal(y, val.tensors[1])
+
+
+def test_max_latency_measures_a_profile_at_the_batch_size_when_none_is_given():
+    model, val = mlp(3, seed=23), data(24, m=200)
+    res = calibrate(model, val, max_drop=None, max_latency=10.0, batch_size=32)  # a budget every point meets
+    c = res.chosen
+    assert res.target["cost"] == "time" and c["time_per_sample"] is not None and c["time_measured"] > 0
+    assert all(r["time_per_sample"] is not None for r in res.rows)
+    with pytest.raises(ValueError, match="path_times is a time model of its own"):
+        calibrate(model, val, max_latency=1.0, path_times=[1.0, 2.0, 3.0])
