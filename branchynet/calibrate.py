@@ -28,6 +28,7 @@ from .flops import FlopProfile, profile_flops
 from .models.branchynet import BranchyNet
 
 __all__ = [
+    "TargetUnreachable",
     "ExitTable",
     "CalibrationResult",
     "collect_exit_outputs",
@@ -41,6 +42,11 @@ __all__ = [
     "expected_calibration_error",
     "fold_temperature",
 ]
+
+
+class TargetUnreachable(ValueError):
+    """No threshold combination meets the calibration targets; the message says the best
+    value reached for each target with the others met."""
 
 
 @dataclass
@@ -754,7 +760,7 @@ def _exit_fraction_threshold(table: ExitTable, want: float) -> float:
     if abs(got - want) > max(0.01, 1.0 / m):
         low = shares[shares <= want].max()
         high = shares[shares >= want]
-        raise ValueError(
+        raise TargetUnreachable(
             f"exit_fraction={want}: ties in the first branch's scores allow no share within 0.01 of it; "
             f"the nearest reachable are {float(low):.4f}"
             + (f" and {float(high.min()):.4f}" if high.numel() else ""))
@@ -964,7 +970,7 @@ def calibrate(
     mt = costs.metrics(good, counts)
     i = goal.best(mt)
     if i is None:
-        raise ValueError(_unreachable(goal, mt, flops.backbone))
+        raise TargetUnreachable(_unreachable(goal, mt, flops.backbone))
 
     thr_list = thr.tolist()
     rows = []

@@ -239,6 +239,7 @@ def run_train(args) -> None:
 
 
 def run_calibrate(args) -> None:
+    from .calibrate import TargetUnreachable
     from .checkpoint import update_checkpoint
     from .data import load_dataset
 
@@ -253,7 +254,7 @@ def run_calibrate(args) -> None:
             max_drop=args.max_drop, min_accuracy=args.min_accuracy, max_flops=args.max_flops,
             max_latency=None if args.max_latency_ms is None else args.max_latency_ms / 1e3,
             exit_fraction=args.exit_fraction, temperature=args.temperature)
-    except ValueError as err:  # a target nothing meets: the message gives the best reachable
+    except TargetUnreachable as err:  # the message gives the best reachable value
         raise SystemExit(f"error: {err}") from None
     print(cal.summary())
     print(f"wrote {out / 'calibration.csv'} and {out / 'pareto.png'}")

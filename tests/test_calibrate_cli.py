@@ -22,6 +22,9 @@ def test_calibrate_write_keeps_training_state_so_train_resumes(tmp_path, capsys)
     ckpt = tmp_path / "m.pt"
     assert main(["train", "--epochs", "1", "--out", str(ckpt), "--quiet"]) == 0
     before = read_checkpoint(ckpt)
+    with pytest.raises(SystemExit, match=r"error: no threshold combination .* max_flops=0.001 .* least reachable is"):
+        main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write", "--max-flops", "0.001"])
+    assert read_checkpoint(ckpt)["exit_config"] == before["exit_config"]  # nothing written
     capsys.readouterr()
     assert main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write", "--max-flops", "0.6",
                  "--temperature", "--batch-size", "64"]) == 0
