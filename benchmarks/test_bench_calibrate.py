@@ -87,7 +87,8 @@ def test_calibrate(benchmark, n_exits, target, tmp_path):
     benchmark.group = f"calibrate|{target}"
     res = benchmark.pedantic(lambda: calibrate(model, val, **TARGETS[target]), rounds=3, iterations=1)
     benchmark.extra_info.update(
-        n_exits=n_exits, target_name=target, target=TARGETS[target], val_samples=VAL_SAMPLES, method=res.search["method"],
+        n_exits=n_exits, target_name=target, target=TARGETS[target], val_samples=VAL_SAMPLES,
+        method=res.search["method"],
         scored=res.search["scored"], combinations=res.search["combinations"],
         chosen_accuracy=res.chosen["accuracy"], final_accuracy=res.final_accuracy,
         chosen_flops_fraction=res.chosen["flops_fraction"],
