@@ -14,6 +14,8 @@ the file. It holds::
     optimizer     optimizer.state_dict() or None (to resume training)
     epoch         int or None                    epochs completed
     rng           RNG states or None             (to resume training bit for bit)
+    temperature   list of N floats or None       temperatures folded into the branches'
+                                                 last linear layers (already in state_dict)
     extra         dict                           e.g. calibration results, train history
     torch_version, branchynet_version            strings, for the record
 
@@ -43,6 +45,7 @@ __all__ = [
     "load_engine",
     "read_checkpoint",
     "save_checkpoint",
+    "update_checkpoint",
 ]
 
 FORMAT = "branchynet-checkpoint"
@@ -64,6 +67,7 @@ def save_checkpoint(
     epoch: int | None = None,
     extra: dict | None = None,
     rng: bool = False,
+    temperature=None,
 ) -> Path:
     """Save a BranchyNet (and optionally its training state) to one file.
 
@@ -79,6 +83,8 @@ def save_checkpoint(
         extra: plain data to keep alongside (str keys; values tensors, numbers, strings,
             lists, tuples, dicts, None), e.g. calibration results.
         rng: also save the torch (CPU and CUDA), numpy and Python RNG states.
+        temperature: N temperatures already folded into the weights (a record: the
+            saved weights give the scaled logits).
 
     Returns:
         The path written.
@@ -108,6 +114,7 @@ def save_checkpoint(
     _check_plain(extra, "extra")
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise ValueError(f"epoch must be an int, got {epoch!r}")
+    temperature = _check_temperature(temperature, model.num_exits)
 
     from . import __version__
 
@@ -122,10 +129,15 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "epoch": epoch,
         "rng": rng_state() if rng else None,
+        "temperature": temperature,
         "extra": extra,
         "torch_version": str(torch.__version__),
         "branchynet_version": __version__,
     }
+    return _write(path, ckpt)
+
+
+def _write(path, ckpt: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -136,6 +148,52 @@ def save_checkpoint(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _check_temperature(temperature, num_exits: int):
+    if temperature is None:
+        return None
+    values = [float(t) for t in temperature]
+    if len(values) != num_exits or not all(t > 0 and t < float("inf") for t in values):
+        raise ValueError(f"temperature: expected {num_exits} finite values > 0 (one per exit), got {values}")
+    return values
+
+
+def update_checkpoint(path: str | os.PathLike, model, *, extra: dict | None = None,
+                      temperature=None) -> Path:
+    """Write ``model``'s weights and exit config into an existing checkpoint, keeping
+    everything else it holds (optimizer, epoch, RNG states: ``train --resume`` still
+    works), e.g. after calibration.
+
+    Args:
+        path: a file written by :func:`save_checkpoint` (rewritten atomically).
+        model: the same architecture, e.g. with new thresholds or folded temperatures.
+        extra: merged into the saved ``extra`` (these keys replace the saved ones).
+        temperature: N temperatures just folded into ``model``'s weights; multiplied into
+            the saved ones (folding twice divides the logits twice).
+
+    Raises:
+        CheckpointError: see :func:`read_checkpoint`; also weights that do not fit.
+    """
+    ckpt = read_checkpoint(path)
+    old = ckpt["state_dict"]
+    new = OrderedDict((k, v.detach().to(old[k].device) if k in old else v.detach())
+                      for k, v in model.state_dict().items())
+    if set(new) != set(old) or any(new[k].shape != old[k].shape for k in new):
+        raise CheckpointError(f"{path}: the model's weights do not fit the saved ones (another architecture?)")
+    temperature = _check_temperature(temperature, model.num_exits)
+    if temperature is not None and ckpt.get("temperature") is not None:
+        temperature = [a * b for a, b in zip(ckpt["temperature"], temperature)]
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+        _check_plain(extra, "extra")
+        ckpt["extra"] = {**(ckpt.get("extra") or {}), **extra}
+    ckpt["state_dict"] = new
+    ckpt["exit_config"] = model.exit_config.to_dict()
+    if temperature is not None:
+        ckpt["temperature"] = temperature
+    return _write(path, ckpt)
 
 
 def _check_plain(obj, where: str) -> None:

@@ -41,6 +41,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
 def _int_list(text: str) -> list:
     """Comma-separated positive integers, e.g. ``1,8,64``."""
     return [_positive_int(t) for t in text.split(",")]
@@ -92,15 +102,14 @@ def _fmt_ms(t):
     return f"{t * 1e3:.3f}"
 
 
-def _calibrate_and_write(model, splits, device, out: Path, *, max_drop=None, min_accuracy=None):
-    """Sweep thresholds on the validation split with measured path times (batch of 256);
-    write the sweep (CSV) and the Pareto plot (PNG) into ``out``."""
-    from .calibrate import calibrate, measure_path_times
+def _calibrate_and_write(model, splits, device, out: Path, *, batch_size=256, test=None, **targets):
+    """Calibrate on the validation split for ``targets`` (``calibrate``'s), with segment
+    times measured at ``batch_size``; write the sweep (CSV) and the Pareto plot (PNG)
+    into ``out``."""
+    from .calibrate import calibrate
 
-    xv, _ = _tensors(splits.val)
-    path_times = measure_path_times(model, xv[:256].to(device), repeats=5)
-    cal = calibrate(model, splits.val, max_drop=max_drop, min_accuracy=min_accuracy,
-                    path_times=path_times, device=device)
+    cal = calibrate(model, splits.val, latency=True, batch_size=batch_size, device=device, test=test,
+                    **targets)
     out.mkdir(parents=True, exist_ok=True)
     cal.to_csv(out / "calibration.csv")
     try:
@@ -240,7 +249,8 @@ def run_train(args) -> None:
 
 
 def run_calibrate(args) -> None:
-    from .checkpoint import save_checkpoint
+    from .calibrate import TargetUnreachable
+    from .checkpoint import update_checkpoint
     from .data import load_dataset
 
     model, extra, dataset = _open_checkpoint(args)
@@ -249,18 +259,22 @@ def run_calibrate(args) -> None:
     splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))
     _check_fits(model, splits, args.checkpoint)
     out = Path(args.out)
-    cal = _calibrate_and_write(model, splits, args.device, out,
-                               max_drop=None if args.min_accuracy is not None else args.max_drop,
-                               min_accuracy=args.min_accuracy)
-    c = cal.chosen
-    print(f"final exit accuracy {100 * cal.final_accuracy:.2f} %; chosen thresholds {c['thresholds']}: "
-          f"accuracy {100 * c['accuracy']:.2f} %, exits {[round(100 * f, 1) for f in c['exit_fractions']]} %, "
-          f"ideal speedup {c['ideal_speedup']:.2f}x, target {'met' if cal.target['met'] else 'NOT met'}")
+    try:
+        cal = _calibrate_and_write(
+            model, splits, args.device, out, batch_size=args.batch_size, test=splits.test,
+            max_drop=args.max_drop, min_accuracy=args.min_accuracy, max_flops=args.max_flops,
+            max_latency=None if args.max_latency_ms is None else args.max_latency_ms / 1e3,
+            exit_fraction=args.exit_fraction, temperature=args.temperature)
+    except TargetUnreachable as err:  # the message gives the best reachable value
+        raise SystemExit(f"error: {err}") from None
+    print(cal.summary())
     print(f"wrote {out / 'calibration.csv'} and {out / 'pareto.png'}")
     if args.write:
-        model.exit_config.thresholds = c["thresholds"]
-        save_checkpoint(args.checkpoint, model, extra=extra)
-        print(f"thresholds written to {args.checkpoint}")
+        model.exit_config.thresholds = cal.chosen["thresholds"]
+        # only the weights (temperature folded) and the exit config change: the training
+        # state stays, so `train --resume` still works
+        update_checkpoint(args.checkpoint, model, temperature=cal.temperature)
+        print(f"thresholds{' and temperatures' if cal.temperature else ''} written to {args.checkpoint}")
 
 
 def run_bench(args) -> None:
@@ -371,10 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="sweep thresholds on the validation split")
     common(c, model=False)
     c.add_argument("checkpoint")
-    c.add_argument("--max-drop", type=_fraction, default=0.005)
+    c.add_argument("--max-drop", type=_fraction, default=None,
+                   help="accuracy drop allowed below the final exit (0.005 = 0.5 pt; the default "
+                        "target when none is given)")
     c.add_argument("--min-accuracy", type=_fraction, default=None)
+    c.add_argument("--max-flops", type=_positive_float, default=None,
+                   help="expected FLOPs per sample, as a fraction of the backbone's (e.g. 0.4)")
+    c.add_argument("--max-latency-ms", type=_positive_float, default=None,
+                   help="ms per sample at --batch-size on --device (predicted, then timed)")
+    c.add_argument("--batch-size", type=_positive_int, default=256, help="the engine's batch size")
+    c.add_argument("--exit-fraction", type=_fraction, default=None,
+                   help="share of samples leaving at the first branch (the paper's way)")
+    c.add_argument("--temperature", action="store_true",
+                   help="fit a temperature per exit (NLL on the validation split), folded into the branches")
     c.add_argument("--out", default="runs/calibration")
-    c.add_argument("--write", action="store_true", help="store the chosen thresholds in the checkpoint")
+    c.add_argument("--write", action="store_true",
+                   help="store the chosen thresholds (and temperatures) in the checkpoint")
     c.set_defaults(func=run_calibrate)
 
     b = sub.add_parser("bench", help="time a checkpoint against its backbone-only twin")

@@ -66,9 +66,10 @@ def test_chosen_thresholds_meet_target_on_their_data(tmp_path):
 
 def test_min_accuracy_target_and_unreachable_target():
     model, val = small_model(), dataset()
-    res = calibrate(model, val, min_accuracy=2.0)  # impossible
-    assert not res.target["met"]
-    assert res.chosen["accuracy"] == max(r["accuracy"] for r in res.rows)
+    best = calibrate(model, val, max_drop=None, min_accuracy=0.0, search="exhaustive")
+    top = max(r["accuracy"] for r in best.rows)
+    with pytest.raises(ValueError, match=rf"best reachable is {100 * top:.2f} %"):
+        calibrate(model, val, max_drop=None, min_accuracy=min(1.0, top + 0.01), search="exhaustive")
     with pytest.raises(ValueError, match="max_drop"):
         calibrate(model, val, max_drop=5)
 
@@ -93,10 +94,25 @@ def test_flops_counted_from_modules():
     assert prof.ideal_speedup([1, 0, 0]) == pytest.approx(prof.backbone / (640 + 256))
 
 
-def test_path_times_are_increasing():
+def test_path_times_sum_the_stage_and_branch_times_on_the_way(monkeypatch):
+    # Each timed call gets its own known time: stage n takes 1 + n, branch n 10 * (1 + n)
+    # (in call order: stage 0, branch 0, stage 1, ...); path n is their sum up to n, per sample.
+    import branchynet.timing as timing
+
+    calls = []
+
+    def fake_time_fn(fn, *, repeats=5, warmup=1, device=None):
+        fn()
+        calls.append(len(calls))
+        i = len(calls) - 1
+        t = (1 + i // 2) * (10.0 if i % 2 else 1.0)
+        return timing.Timing(t, t, t, repeats)
+
+    monkeypatch.setattr(timing, "time_fn", fake_time_fn)
     model = small_model()
-    t = measure_path_times(model, torch.randn(64, 10), repeats=3)
-    assert len(t) == 3 and all(v > 0 for v in t) and t[0] < t[2]
+    t = measure_path_times(model, torch.randn(4, 10), repeats=3)
+    assert len(calls) == 6
+    assert t == pytest.approx([11 / 4, (11 + 22) / 4, (11 + 22 + 33) / 4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

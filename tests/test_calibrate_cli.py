@@ -1,0 +1,79 @@
+"""`branchynet calibrate` with every target, and --write keeping the training state."""
+
+import re
+
+import pytest
+
+from branchynet.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, update_checkpoint
+from branchynet.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_calibrate_write_keeps_training_state_so_train_resumes(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--epochs", "1", "--out", str(ckpt), "--quiet"]) == 0
+    before = read_checkpoint(ckpt)
+    with pytest.raises(SystemExit, match=r"error: no threshold combination .* max_flops=0.001 .* least reachable is"):
+        main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write", "--max-flops", "0.001"])
+    assert read_checkpoint(ckpt)["exit_config"] == before["exit_config"]  # nothing written
+    capsys.readouterr()
+    assert main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write", "--max-flops", "0.6",
+                 "--temperature", "--batch-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "test split (measured)" in out and "ECE before" in out and "thresholds and temperatures written" in out
+    raw = read_checkpoint(ckpt)
+    assert raw["epoch"] == 1 and raw["optimizer"] is not None and raw["rng"] is not None
+    assert raw["extra"] == before["extra"]
+    temps = [float(t) for t in re.search(r"temperature ([^;]+);", out).group(1).split(",")]
+    assert raw["temperature"] == pytest.approx(temps, rel=1e-2)
+    chosen = [float(t) for t in re.search(r"chosen thresholds \[([^\]]+)\]", out).group(1).split(",")]
+    assert list(load_checkpoint(ckpt).exit_config.thresholds) == pytest.approx(chosen, rel=1e-5)
+    assert main(["train", "--epochs", "2", "--out", str(ckpt), "--resume", "--quiet"]) == 0
+    assert read_checkpoint(ckpt)["epoch"] == 2
+
+
+def test_update_checkpoint_replaces_only_weights_exit_config_and_temperature(tmp_path):
+    import torch
+
+    from branchynet.calibrate import _last_linear
+    from branchynet.models import b_lenet
+
+    model = b_lenet(num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 1, 28, 28))[0].sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "m.pt", model, optimizer=opt, epoch=3, rng=True, extra={"dataset": "x"})
+    with torch.no_grad():
+        _last_linear(model.branches[0]).weight.mul_(0.5)
+    model.exit_config.thresholds = [0.25]
+    update_checkpoint(path, model, temperature=[2.0, 1.0], extra={"calibration": {"max_flops": 0.5}})
+    update_checkpoint(path, model, temperature=[1.5, 1.0])
+    raw = read_checkpoint(path)
+    assert raw["epoch"] == 3 and raw["optimizer"]["state"] and raw["rng"] is not None
+    assert raw["extra"] == {"dataset": "x", "calibration": {"max_flops": 0.5}}
+    assert raw["temperature"] == [3.0, 1.0]  # folded twice
+    assert raw["exit_config"]["thresholds"] == [0.25]
+    assert all(torch.equal(raw["state_dict"][k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="temperature: expected 2 finite values > 0"):
+        update_checkpoint(path, model, temperature=[0.0, 1.0])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["calibrate", "x.pt", "--max-flops", "-1"], "expected a number > 0"),
+    (["calibrate", "x.pt", "--max-latency-ms", "0"], "expected a number > 0"),
+    (["calibrate", "x.pt", "--exit-fraction", "2"], "expected a fraction in [0, 1]"),
+    (["calibrate", "x.pt", "--batch-size", "0"], "expected an integer >= 1"),
+])
+def test_bad_target_flags_are_usage_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and msg in capsys.readouterr().err
