@@ -86,11 +86,16 @@ def _calibrate_and_write(model, splits, device, out: Path, *, max_drop=None, min
     """Sweep thresholds on the validation split with measured path times (batch of 256);
     write the sweep (CSV) and the Pareto plot (PNG) into ``out``."""
     from .calibrate import calibrate, measure_path_times
+    from .distributed import gather_exit_table, is_main
 
+    # Under torchrun each rank scores its part of the split; rank 0 searches and writes.
+    table = gather_exit_table(model, splits.val, device=device)
+    if not is_main():
+        return None
     xv, _ = _tensors(splits.val)
     path_times = measure_path_times(model, xv[:256].to(device), repeats=5)
     cal = calibrate(model, splits.val, max_drop=max_drop, min_accuracy=min_accuracy,
-                    path_times=path_times, device=device)
+                    path_times=path_times, device=device, table=table)
     out.mkdir(parents=True, exist_ok=True)
     cal.to_csv(out / "calibration.csv")
     try:
@@ -115,11 +120,13 @@ def run_demo(args) -> dict:
     """Train a B-model and its backbone-only twin, calibrate, time, print Table I."""
     from .checkpoint import save_checkpoint
     from .data import default_dataset_for, load_dataset
+    from .distributed import init_from_env, is_main
     from .engine import EarlyExitEngine
     from .flops import profile_flops
     from .timing import time_fn, time_per_sample
     from .train import train
 
+    device = init_from_env(args.device).device
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,9 +136,9 @@ def run_demo(args) -> dict:
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
     if args.limit:
         splits.train = torch.utils.data.Subset(splits.train, range(min(args.limit, len(splits.train))))
-    print(f"data: {dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-          f"{splits.num_classes} classes, input {tuple(splits.input_shape)}", flush=True)
-    device = torch.device(args.device)
+    if is_main():
+        print(f"data: {dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+              f"{splits.num_classes} classes, input {tuple(splits.input_shape)}", flush=True)
 
     model = _build(name, splits).to(device)
     n = model.num_exits
@@ -146,6 +153,8 @@ def run_demo(args) -> dict:
     model.eval()
 
     cal = _calibrate_and_write(model, splits, device, out, max_drop=args.max_drop)
+    if not is_main():  # rank 0 alone times the engine and writes the results
+        return {}
     thresholds = cal.chosen["thresholds"]
     model.exit_config.thresholds = thresholds
     save_checkpoint(out / "model.pt", model, extra={"dataset": dataset, "seed": args.seed})
@@ -212,27 +221,35 @@ def _markdown(head, rows) -> str:
 
 def run_train(args) -> None:
     from .data import default_dataset_for, load_dataset
+    from .distributed import init_from_env, is_main
     from .train import evaluate, train
 
+    device = init_from_env(args.device).device
     dataset = args.dataset or default_dataset_for(args.model.replace("-", "_"))
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
-    model = _build(args.model, splits).to(args.device)
+    # The initial weights are part of the run: seeded here, not by train(), which comes
+    # after the model is built.
+    torch.manual_seed(args.seed)
+    model = _build(args.model, splits).to(device)
     if args.weights:
         model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.
-    train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
+    train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, checkpoint=args.out, resume=args.resume, progress=not args.quiet,
-          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed})
-    acc = evaluate(model, splits.test, device=args.device)
-    print(json.dumps(acc, indent=2, default=float))
-    print(f"saved {args.out}")
+          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed}, amp=args.amp)
+    acc = evaluate(model, splits.test, device=device)
+    if is_main():
+        print(json.dumps(acc, indent=2, default=float))
+        print(f"saved {args.out}")
 
 
 def run_calibrate(args) -> None:
     from .checkpoint import save_checkpoint
     from .data import load_dataset
+    from .distributed import init_from_env
 
+    args.device = str(init_from_env(args.device).device)
     model, extra, dataset = _open_checkpoint(args)
     if dataset is None:
         raise SystemExit("error: the checkpoint does not name its data set: pass --dataset")
@@ -241,6 +258,8 @@ def run_calibrate(args) -> None:
     cal = _calibrate_and_write(model, splits, args.device, out,
                                max_drop=None if args.min_accuracy is not None else args.max_drop,
                                min_accuracy=args.min_accuracy)
+    if cal is None:  # not rank 0: it writes the result
+        return
     c = cal.chosen
     print(f"final exit accuracy {100 * cal.final_accuracy:.2f} %; chosen thresholds {c['thresholds']}: "
           f"accuracy {100 * c['accuracy']:.2f} %, exits {[round(100 * f, 1) for f in c['exit_fractions']]} %, "
@@ -351,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", type=_float_list, default=None, help="joint-loss weights, comma separated, one per exit")
     t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--amp", default=None, choices=("bf16", "fp16"),
+                   help="mixed-precision training (torch.autocast; fp16 with a GradScaler); default off")
     t.add_argument("--out", default="runs/model.pt")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
@@ -393,6 +414,9 @@ def main(argv=None) -> int:
         # The user's file or data, not a bug: the message says what to do.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
