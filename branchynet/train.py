@@ -183,14 +183,7 @@ def train(
     model.to(device)
     train_loader, val_data = _loaders(data, val, batch_size, device)
     shuffle_gen = getattr(train_loader, "_branchynet_generator", None)
-    ddp = None
-    if is_distributed():
-        # Exits with weight 0 (all but the last during the warm-up) leave parameters
-        # without gradients, which DDP must be told to look for.
-        unused = main_first_epochs > 0 or min(weights) == 0
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            _LiveExits(model), device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused)
+    ddp, ddp_w = None, None
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     opt = _make_optimizer(optimizer, model, lr, weight_decay, momentum)
 
@@ -226,7 +219,7 @@ def train(
         # Restored last, after everything above that might draw random numbers.
         set_rng_state(ckpt["rng"])
         rng_ranks = ckpt["extra"]["train"].get("rng_ranks")
-        if ddp is not None and rng_ranks and len(rng_ranks) == world_size():
+        if is_distributed() and rng_ranks and len(rng_ranks) == world_size():
             set_rng_state(rng_ranks[rank()])
         gen_state = ckpt["extra"]["train"].get("loader_generator")
         if gen_state is not None and getattr(train_loader, "generator", None) is not None:
@@ -238,6 +231,9 @@ def train(
         lr_e = lr if schedule is None else lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         for g in opt.param_groups:
             g["lr"] = lr_e
+        if is_distributed() and w != ddp_w:
+            ddp = None  # its reducer's hooks go with it, before the new one adds its own
+            ddp, ddp_w = _wrap_ddp(model, device, w), w
         if shuffle_gen is not None:
             # Each epoch's order depends on (seed, epoch) only, so resuming needs no
             # sampler state.
@@ -257,7 +253,7 @@ def train(
             history.val_acc.append(v["acc"])
         history.seconds.append(time.perf_counter() - t0)
         # Every rank's RNG state, so that a resumed run draws what this one would have.
-        rng_ranks = gather_objects(rng_state()) if checkpoint is not None and ddp is not None else None
+        rng_ranks = gather_objects(rng_state()) if checkpoint is not None and is_distributed() else None
         if checkpoint is not None and is_main():
             gen = getattr(train_loader, "generator", None)
             save_checkpoint(
@@ -504,6 +500,15 @@ class _LiveExits(torch.nn.Module):
 
     def forward(self, x):
         return [z if k in self.live else z.detach() for k, z in enumerate(self.model(x))]
+
+
+def _wrap_ddp(model, device, w):
+    # An exit with weight 0 (all but the last in the warm-up) leaves parameters without
+    # gradients, which DDP must search for; a search with none to find only costs time
+    # (and a warning), so the wrapper is rebuilt when the weights change.
+    return torch.nn.parallel.DistributedDataParallel(
+        _LiveExits(model), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=min(w) == 0)
 
 
 def _rank_share(loss, live_outputs, b: int, world: int, global_b: int):
