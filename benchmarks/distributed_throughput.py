@@ -105,7 +105,9 @@ def launch(args) -> None:
 
     machine = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
                "torch": torch.__version__, "commit": commit, "dirty": dirty,
-               "command": "python benchmarks/distributed_throughput.py " + " ".join(sys.argv[1:])}
+               "command": "python benchmarks/distributed_throughput.py " + " ".join(
+                   f"--models {' '.join(args.models)} --ranks {' '.join(map(str, args.ranks))} "
+                   f"--repeats {args.repeats} --out {args.out}".split())}
     (out / "throughput.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
     (out / "report.md").write_text(report(machine, runs, args.note))
     print(report(machine, runs, args.note))

@@ -408,6 +408,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # torchrun: no rank leaves the group before all are done
     except KeyboardInterrupt:
         return 130
     except (CheckpointError, DatasetUnavailable) as err:

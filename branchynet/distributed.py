@@ -29,6 +29,7 @@ __all__ = [
     "DistInfo",
     "ShardedBatchSampler",
     "all_reduce_sum",
+    "barrier",
     "gather_exit_table",
     "gather_objects",
     "init_from_env",
@@ -178,6 +179,12 @@ class ShardedBatchSampler(Sampler):
         for start in range(0, self.n, self.batch_size):
             part = shard_range(min(self.batch_size, self.n - start), self.rank, self.world_size)
             yield order[start + part.start: start + part.stop].tolist()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def all_reduce_sum(*tensors: torch.Tensor) -> None:

@@ -20,7 +20,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .config import check_weights
 from .data import DataSplits
-from .distributed import ShardedBatchSampler, all_reduce_sum, gather_objects, is_distributed, is_main, rank, shard_range, world_size
+from .distributed import (ShardedBatchSampler, all_reduce_sum, barrier, gather_objects, is_distributed, is_main,
+                          rank, shard_range, world_size)
 from .loss import joint_loss
 from .models.branchynet import BranchyNet
 
@@ -267,6 +268,8 @@ def train(
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 }},
             )
+        if checkpoint is not None:
+            barrier()  # no rank goes on (and reads the file: resume) before it is written
         if log is not None and is_main():
             log(_summary(history))
     model.eval()
@@ -458,7 +461,10 @@ def _loaders(data, val, batch_size: int, device: torch.device):
         if isinstance(train_ds, TensorDataset):
             loader = DataLoader(train_ds, sampler=sampler, batch_size=None, pin_memory=pin)
         else:
-            loader = DataLoader(train_ds, batch_sampler=sampler, pin_memory=pin)
+            # generator=gen: the 1-process DataLoader draws a worker seed from it before
+            # the permutation, and so must this one to draw the same permutation.
+            loader = DataLoader(train_ds, batch_sampler=sampler, pin_memory=pin, generator=gen,
+                                collate_fn=_collate_or_empty(train_ds))
         loader._branchynet_sharded = sampler
     elif isinstance(train_ds, TensorDataset):
         # Index the tensors with a whole batch of indices at once: one gather per batch
@@ -478,6 +484,18 @@ def _eval_loader(ds, batch_size: int, device: torch.device) -> DataLoader:
         sampler = BatchSampler(SequentialSampler(ds), batch_size, drop_last=False)
         return DataLoader(ds, sampler=sampler, batch_size=None, pin_memory=pin)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, pin_memory=pin)
+
+
+def _collate_or_empty(ds):
+    """default_collate, except that a rank's empty part of the last global batch becomes
+    zero rows shaped like the data set's samples (default_collate cannot collate [])."""
+    from torch.utils.data import default_collate
+
+    def collate(batch):
+        if batch:
+            return default_collate(batch)
+        return [t[:0] for t in default_collate([ds[0]])]
+    return collate
 
 
 def _shard(ds):

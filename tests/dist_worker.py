@@ -81,10 +81,23 @@ def main(out: Path) -> None:
     torch.manual_seed(123)  # whatever the RNG holds before resuming must not matter
     resumed = dropout_mlp()
     train(resumed, data8, **kw, checkpoint=out / f"mlp_w{world}.pt", resume=True)
+    # A Dataset that is not a TensorDataset (collated per sample); 65 samples, global
+    # batch 64: rank 1's part of the last batch is empty.
+    generic = dropout_mlp()
+    for mod in generic.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    train(generic, torch.utils.data.Subset(data8.train, range(65)), epochs=1, batch_size=64, progress=False)
+    if r == 0:
+        torch.save(generic.state_dict(), out / f"generic_w{world}.pt")
     result["resume_equal"] = all(torch.equal(a, b) for a, b in
                                  zip(whole.state_dict().values(), resumed.state_dict().values()))
     result["saves"] = saves
     (out / f"result_w{world}_r{r}.json").write_text(json.dumps(result))
+    if world > 1:
+        # Leaving with the gloo group alive can abort the process at exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
