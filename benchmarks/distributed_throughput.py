@@ -62,13 +62,16 @@ def worker(args) -> None:
     train(model, data(args.warmup), epochs=1, batch_size=args.batch_size, progress=False)
     timed = data(args.steps)
     barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train(model, timed, epochs=1, batch_size=args.batch_size, progress=False)
+    cpu = time.process_time() - c0
     barrier()
     seconds = time.perf_counter() - t0
     if info.rank == 0:
         Path(args.json).write_text(json.dumps({
             "seconds": seconds, "samples": len(timed), "samples_per_s": len(timed) / seconds,
+            # rank 0's CPU time: wall >> cpu means it waited (for a core, or for the other rank)
+            "cpu_seconds_rank0": cpu,
             "world_size": info.world_size, "torch_threads": torch.get_num_threads()}))
     if is_distributed():
         torch.distributed.destroy_process_group()
@@ -120,8 +123,8 @@ def report(machine: dict, runs: list, note: str = "") -> str:
              f"torch {machine['torch']}; commit {machine['commit'][:12]}{' (dirty tree)' if machine['dirty'] else ''}. "
              "Every rank runs 1 torch thread, gloo backend.", "",
              "| model | ranks | global batch | samples/s median | min - max | runs | speedup vs 1 rank | "
-             "load avg (1 min) before runs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "rank 0 CPU s / wall s | load avg (1 min) before runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for model in dict.fromkeys(r["model"] for r in runs):
         for ranks in dict.fromkeys(r["ranks"] for r in runs if r["model"] == model):
@@ -130,8 +133,9 @@ def report(machine: dict, runs: list, note: str = "") -> str:
             med = statistics.median(sps)
             base.setdefault(model, med)
             loads = ", ".join(f"{r['load_before'][0]:.1f}" for r in rs)
+            busy = statistics.median(r["cpu_seconds_rank0"] / r["seconds"] for r in rs)
             lines.append(f"| {model} | {ranks} | {rs[0]['batch_size']} | {med:.1f} | {min(sps):.1f} - {max(sps):.1f} "
-                         f"| {len(rs)} | {med / base[model]:.2f}x | {loads} |")
+                         f"| {len(rs)} | {med / base[model]:.2f}x | {busy:.2f} | {loads} |")
     return "\n".join(lines) + "\n"
 
 
