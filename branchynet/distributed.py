@@ -87,8 +87,10 @@ def init_from_env(device: str | torch.device = "cpu") -> DistInfo:
     """
     device = torch.device(device)
     world = _env_int("WORLD_SIZE") or 1
-    if world <= 1 and not dist.is_initialized():
+    if world <= 1 and not is_distributed():
         return DistInfo(0, 1, 0, device)
+    if not dist.is_available():
+        raise ValueError(f"WORLD_SIZE={world} but this torch was built without torch.distributed")
     local = _env_int("LOCAL_RANK") or 0
     if device.type == "cuda":
         n_gpu = torch.cuda.device_count()
