@@ -123,8 +123,8 @@ def report(machine: dict, runs: list, note: str = "") -> str:
              f"torch {machine['torch']}; commit {machine['commit'][:12]}{' (dirty tree)' if machine['dirty'] else ''}. "
              "Every rank runs 1 torch thread, gloo backend.", "",
              "| model | ranks | global batch | samples/s median | min - max | runs | speedup vs 1 rank | "
-             "rank 0 CPU s / wall s | load avg (1 min) before runs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "rank 0 CPU s / wall s | samples / rank 0 CPU s (median) | load avg (1 min) before runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for model in dict.fromkeys(r["model"] for r in runs):
         for ranks in dict.fromkeys(r["ranks"] for r in runs if r["model"] == model):
@@ -134,8 +134,10 @@ def report(machine: dict, runs: list, note: str = "") -> str:
             base.setdefault(model, med)
             loads = ", ".join(f"{r['load_before'][0]:.1f}" for r in rs)
             busy = statistics.median(r["cpu_seconds_rank0"] / r["seconds"] for r in rs)
+            # What the ranks would do with a core each: every rank does rank 0's work.
+            per_cpu = statistics.median(r["samples"] / r["cpu_seconds_rank0"] for r in rs)
             lines.append(f"| {model} | {ranks} | {rs[0]['batch_size']} | {med:.1f} | {min(sps):.1f} - {max(sps):.1f} "
-                         f"| {len(rs)} | {med / base[model]:.2f}x | {busy:.2f} | {loads} |")
+                         f"| {len(rs)} | {med / base[model]:.2f}x | {busy:.2f} | {per_cpu:.1f} | {loads} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +149,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def rewrite_report(out: Path, note: str) -> None:
+    """report.md again from throughput.json (e.g. with another note)."""
+    d = json.loads((out / "throughput.json").read_text())
+    (out / "report.md").write_text(report(d["machine"], d["runs"], note))
 
 
 def main() -> None:
@@ -162,8 +170,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/distributed")
     p.add_argument("--note", default="", help="a paragraph for the report (machine state)")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from --out's throughput.json")
     args = p.parse_args()
-    worker(args) if args.worker else launch(args)
+    if args.report_only:
+        rewrite_report(Path(args.out), args.note)
+    else:
+        worker(args) if args.worker else launch(args)
 
 
 if __name__ == "__main__":
