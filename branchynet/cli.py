@@ -142,11 +142,12 @@ def run_demo(args) -> dict:
 
     model = _build(name, splits).to(device)
     n = model.num_exits
-    print(f"training {name} ({n} exits, joint loss) for {args.epochs} epochs", flush=True)
+    say = print if is_main() else (lambda *a, **k: None)
+    say(f"training {name} ({n} exits, joint loss) for {args.epochs} epochs", flush=True)
     train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, progress=not args.quiet)
     twin = _build(name, splits, ExitConfig(n, weights=[0.0] * (n - 1) + [1.0])).to(device)
-    print(f"training its backbone-only twin (final exit only) for {args.epochs} epochs", flush=True)
+    say(f"training its backbone-only twin (final exit only) for {args.epochs} epochs", flush=True)
     train(twin, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, progress=not args.quiet)
     baseline = twin.backbone_only().eval()
