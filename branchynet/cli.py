@@ -105,11 +105,18 @@ def _fmt_ms(t):
 def _calibrate_and_write(model, splits, device, out: Path, *, batch_size=256, test=None, **targets):
     """Calibrate on the validation split for ``targets`` (``calibrate``'s), with segment
     times measured at ``batch_size``; write the sweep (CSV) and the Pareto plot (PNG)
-    into ``out``."""
+    into ``out``. Under torchrun each rank scores its part of the split and rank 0 alone
+    searches, times and writes (the other ranks get None)."""
     from .calibrate import calibrate
+    from .distributed import gather_exit_table, is_main
 
+    # Temperature scaling refits the exits on the logits and rescores after folding, so
+    # it runs on rank 0 over the whole split rather than from gathered scores.
+    table = None if targets.get("temperature") else gather_exit_table(model, splits.val, device=device)
+    if not is_main():
+        return None
     cal = calibrate(model, splits.val, latency=True, batch_size=batch_size, device=device, test=test,
-                    **targets)
+                    table=table, **targets)
     out.mkdir(parents=True, exist_ok=True)
     cal.to_csv(out / "calibration.csv")
     try:
@@ -134,11 +141,13 @@ def run_demo(args) -> dict:
     """Train a B-model and its backbone-only twin, calibrate, time, print Table I."""
     from .checkpoint import save_checkpoint
     from .data import default_dataset_for, load_dataset
+    from .distributed import init_from_env, is_main
     from .engine import EarlyExitEngine
     from .flops import profile_flops
     from .timing import time_fn, time_per_sample
     from .train import train
 
+    device = init_from_env(args.device).device
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,23 +157,26 @@ def run_demo(args) -> dict:
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
     if args.limit:
         splits.train = torch.utils.data.Subset(splits.train, range(min(args.limit, len(splits.train))))
-    print(f"data: {dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-          f"{splits.num_classes} classes, input {tuple(splits.input_shape)}", flush=True)
-    device = torch.device(args.device)
+    if is_main():
+        print(f"data: {dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+              f"{splits.num_classes} classes, input {tuple(splits.input_shape)}", flush=True)
 
     model = _build(name, splits).to(device)
     n = model.num_exits
-    print(f"training {name} ({n} exits, joint loss) for {args.epochs} epochs", flush=True)
+    say = print if is_main() else (lambda *a, **k: None)
+    say(f"training {name} ({n} exits, joint loss) for {args.epochs} epochs", flush=True)
     train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, progress=not args.quiet)
     twin = _build(name, splits, ExitConfig(n, weights=[0.0] * (n - 1) + [1.0])).to(device)
-    print(f"training its backbone-only twin (final exit only) for {args.epochs} epochs", flush=True)
+    say(f"training its backbone-only twin (final exit only) for {args.epochs} epochs", flush=True)
     train(twin, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, progress=not args.quiet)
     baseline = twin.backbone_only().eval()
     model.eval()
 
     cal = _calibrate_and_write(model, splits, device, out, max_drop=args.max_drop)
+    if not is_main():  # rank 0 alone times the engine and writes the results
+        return {}
     thresholds = cal.chosen["thresholds"]
     model.exit_config.thresholds = thresholds
     save_checkpoint(out / "model.pt", model, extra={"dataset": dataset, "seed": args.seed})
@@ -231,28 +243,36 @@ def _markdown(head, rows) -> str:
 
 def run_train(args) -> None:
     from .data import default_dataset_for, load_dataset
+    from .distributed import init_from_env, is_main
     from .train import evaluate, train
 
+    device = init_from_env(args.device).device
     dataset = args.dataset or default_dataset_for(args.model.replace("-", "_"))
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
-    model = _build(args.model, splits).to(args.device)
+    # The initial weights are part of the run: seeded here, not by train(), which comes
+    # after the model is built.
+    torch.manual_seed(args.seed)
+    model = _build(args.model, splits).to(device)
     if args.weights:
         model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.
-    train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
+    train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, checkpoint=args.out, resume=args.resume, progress=not args.quiet,
-          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed})
-    acc = evaluate(model, splits.test, device=args.device)
-    print(json.dumps(acc, indent=2, default=float))
-    print(f"saved {args.out}")
+          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed}, amp=args.amp)
+    acc = evaluate(model, splits.test, device=device)
+    if is_main():
+        print(json.dumps(acc, indent=2, default=float))
+        print(f"saved {args.out}")
 
 
 def run_calibrate(args) -> None:
     from .calibrate import TargetUnreachable
     from .checkpoint import update_checkpoint
     from .data import load_dataset
+    from .distributed import init_from_env
 
+    args.device = str(init_from_env(args.device).device)
     model, extra, dataset = _open_checkpoint(args)
     if dataset is None:
         raise SystemExit("error: the checkpoint does not name its data set: pass --dataset")
@@ -267,6 +287,8 @@ def run_calibrate(args) -> None:
             exit_fraction=args.exit_fraction, temperature=args.temperature)
     except TargetUnreachable as err:  # the message gives the best reachable value
         raise SystemExit(f"error: {err}") from None
+    if cal is None:  # not rank 0: it writes the result
+        return
     print(cal.summary())
     print(f"wrote {out / 'calibration.csv'} and {out / 'pareto.png'}")
     if args.write:
@@ -378,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", type=_float_list, default=None, help="joint-loss weights, comma separated, one per exit")
     t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--amp", default=None, choices=("bf16", "fp16"),
+                   help="mixed-precision training (torch.autocast; fp16 with a GradScaler); default off")
     t.add_argument("--out", default="runs/model.pt")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
@@ -426,12 +450,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # torchrun: no rank leaves the group before all are done
     except KeyboardInterrupt:
         return 130
     except (CheckpointError, DatasetUnavailable) as err:
         # The user's file or data, not a bug: the message says what to do.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

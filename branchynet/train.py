@@ -16,16 +16,19 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
 from .config import check_weights
 from .data import DataSplits
+from .distributed import (ShardedBatchSampler, all_reduce_sum, barrier, gather_objects, is_distributed, is_main,
+                          rank, shard_range, world_size)
 from .loss import joint_loss
 from .models.branchynet import BranchyNet
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainHistory", "evaluate", "train"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = (None, "cosine")
 
 
@@ -92,6 +95,7 @@ def train(
     schedule: str | None = None,
     log: Callable[[str], None] | None = None,
     extra: dict | None = None,
+    amp: str | None = None,
 ) -> TrainHistory:
     """Train a BranchyNet with the joint loss.
 
@@ -128,6 +132,19 @@ def train(
         log: called with a one-line summary after every epoch (e.g. ``print``).
         extra: plain data saved in every checkpoint beside the training state (e.g. the
             data set's name, so ``branchynet calibrate`` finds it).
+        amp: mixed precision: ``None`` (off, float32), ``"bf16"`` or ``"fp16"``: the
+            forward pass and the loss run under ``torch.autocast`` at that dtype (the
+            weights and the optimizer stay float32); ``"fp16"`` also scales the loss
+            with a ``torch.amp.GradScaler`` so that small gradients do not underflow.
+
+    Data parallel: when a process group of more than one process is initialised (by
+    :func:`branchynet.distributed.init_from_env` under torchrun), the model is wrapped in
+    ``DistributedDataParallel``; ``batch_size`` is the global batch, each rank takes its
+    part of every global batch of the 1-process order (so ``W`` ranks give the weights
+    that one process gives, to float rounding, BatchNorm and dropout aside), train and
+    val statistics are summed over ranks, and only rank 0 shows progress, calls ``log``
+    and writes ``checkpoint``. Every rank must call ``train`` with the same arguments;
+    a ``DataLoader`` given as ``data`` is used as is (shard it yourself).
 
     Returns:
         :class:`TrainHistory`, one entry per epoch (resumed runs include the epochs
@@ -137,7 +154,7 @@ def train(
         TypeError: ``model`` is not a BranchyNet, or ``data`` of an unknown type.
         ValueError: bad arguments; ``checkpoint`` given for a model without ``arch``.
     """
-    from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint, set_rng_state
+    from .checkpoint import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
     if not isinstance(model, BranchyNet):
         raise TypeError(f"model must be a branchynet.BranchyNet, got {type(model).__name__}")
@@ -163,9 +180,12 @@ def train(
     main_only = (0.0,) * (n_exits - 1) + (1.0,)
 
     device = torch.device(device)
+    amp_dtype = _check_amp(amp, device)
     model.to(device)
     train_loader, val_data = _loaders(data, val, batch_size, device)
     shuffle_gen = getattr(train_loader, "_branchynet_generator", None)
+    ddp, ddp_w = None, None
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     opt = _make_optimizer(optimizer, model, lr, weight_decay, momentum)
 
     history = TrainHistory()
@@ -188,14 +208,20 @@ def train(
             )
         model.load_state_dict(ckpt["state_dict"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         start = int(ckpt["epoch"])
         history = TrainHistory.from_dict(state["history"])
     else:
-        torch.manual_seed(seed)
+        # Rank 0 draws what one process draws; other ranks' dropout masks differ from it.
+        torch.manual_seed(seed + rank())
 
     if ckpt is not None:
         # Restored last, after everything above that might draw random numbers.
         set_rng_state(ckpt["rng"])
+        rng_ranks = ckpt["extra"]["train"].get("rng_ranks")
+        if is_distributed() and rng_ranks and len(rng_ranks) == world_size():
+            set_rng_state(rng_ranks[rank()])
         gen_state = ckpt["extra"]["train"].get("loader_generator")
         if gen_state is not None and getattr(train_loader, "generator", None) is not None:
             train_loader.generator.set_state(gen_state)
@@ -206,12 +232,15 @@ def train(
         lr_e = lr if schedule is None else lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         for g in opt.param_groups:
             g["lr"] = lr_e
+        if is_distributed() and w != ddp_w:
+            ddp = None  # its reducer's hooks go with it, before the new one adds its own
+            ddp, ddp_w = _wrap_ddp(model, device, w), w
         if shuffle_gen is not None:
             # Each epoch's order depends on (seed, epoch) only, so resuming needs no
             # sampler state.
             shuffle_gen.manual_seed(_epoch_seed(seed, epoch))
-        stats = _train_epoch(model, train_loader, opt, w, device, progress,
-                             desc=f"epoch {epoch + 1}/{epochs}")
+        stats = _train_epoch(model, train_loader, opt, w, device, progress and is_main(),
+                             desc=f"epoch {epoch + 1}/{epochs}", ddp=ddp, amp_dtype=amp_dtype, scaler=scaler)
         history.epoch.append(epoch + 1)
         history.lr.append(lr_e)
         history.weights.append(list(w))
@@ -224,7 +253,9 @@ def train(
             history.val_exit_loss.append(v["loss"])
             history.val_acc.append(v["acc"])
         history.seconds.append(time.perf_counter() - t0)
-        if checkpoint is not None:
+        # Every rank's RNG state, so that a resumed run draws what this one would have.
+        rng_ranks = gather_objects(rng_state()) if checkpoint is not None and is_distributed() else None
+        if checkpoint is not None and is_main():
             gen = getattr(train_loader, "generator", None)
             save_checkpoint(
                 checkpoint, model, optimizer=opt, epoch=epoch + 1, rng=True,
@@ -233,9 +264,13 @@ def train(
                     "optimizer": optimizer,
                     "seed": seed,
                     "loader_generator": gen.get_state() if gen is not None and shuffle_gen is None else None,
+                    "rng_ranks": rng_ranks,
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 }},
             )
-        if log is not None:
+        if checkpoint is not None:
+            barrier()  # no rank goes on (and reads the file: resume) before it is written
+        if log is not None and is_main():
             log(_summary(history))
     model.eval()
     return history
@@ -257,6 +292,10 @@ def evaluate(
         batch_size: for a loader built here.
         weights: joint-loss weights for ``"joint_loss"`` (default the model's).
 
+    In a process group (torchrun) every rank must call it: each scores its shard of a
+    Dataset (a DataLoader is used as is: give it a DistributedSampler) and the sums are
+    reduced, so every rank returns the result over all of ``data``.
+
     Returns:
         ``{"n": samples, "acc": [N] per-exit accuracy, "loss": [N] per-exit mean
         cross-entropy, "joint_loss": the weighted sum, "final_acc": acc[-1]}``.
@@ -267,6 +306,8 @@ def evaluate(
         raise TypeError("pass one split (e.g. splits.test), not the whole DataSplits")
     device = torch.device(device)
     weights = check_weights(model.exit_config.weights if weights is None else weights, model.num_exits)
+    if is_distributed() and not isinstance(data, DataLoader):
+        data = _shard(data)
     loader = data if isinstance(data, DataLoader) else _eval_loader(data, batch_size, device)
     was_training = model.training
     model.to(device).eval()
@@ -284,6 +325,10 @@ def evaluate(
                 n += y.shape[0]
     finally:
         model.train(was_training)
+    if is_distributed():
+        n_all = torch.tensor(float(n), dtype=torch.float64, device=device)
+        all_reduce_sum(correct, loss_sum, n_all)
+        n = int(n_all.item())
     if n == 0:
         raise ValueError("evaluate: the data set is empty")
     acc = (correct.double() / n).tolist()
@@ -300,10 +345,16 @@ def evaluate(
 # -- internals -----------------------------------------------------------------------------
 
 
-def _train_epoch(model, loader, opt, w, device, progress, desc) -> dict:
+def _train_epoch(model, loader, opt, w, device, progress, desc, ddp=None, amp_dtype=None, scaler=None) -> dict:
     model.train()
     live = [k for k, wk in enumerate(w) if wk > 0]
     live_w = [w[k] for k in live]
+    forward = model
+    if ddp is not None:
+        ddp.module.live = live
+        forward = ddp
+        sharded = getattr(loader, "_branchynet_sharded", None)
+        world = world_size()
     n_exits = model.num_exits
     # Sums stay on the device; reading them every batch would sync a GPU every step.
     correct = torch.zeros(n_exits, dtype=torch.int64, device=device)
@@ -313,18 +364,29 @@ def _train_epoch(model, loader, opt, w, device, progress, desc) -> dict:
     bar = _progress_bar(loader, desc, progress)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        outputs = model(x)
-        # Only exits with a non-zero weight enter the graph: the others' branches (and
-        # stages past the last live exit) get grad None, so the optimizer leaves them and
-        # their state alone, rather than stepping on zero gradients.
-        loss = joint_loss([outputs[k] for k in live], y, live_w)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = forward(x)
+            # Only exits with a non-zero weight enter the graph: the others' branches (and
+            # stages past the last live exit) get grad None, so the optimizer leaves them and
+            # their state alone, rather than stepping on zero gradients.
+            loss = joint_loss([outputs[k] for k in live], y, live_w)
+        step_loss = loss
+        if ddp is not None:
+            global_b = sharded.global_size(i) if sharded is not None else y.shape[0] * world
+            step_loss = _rank_share(loss, [outputs[k] for k in live], y.shape[0], world, global_b)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            step_loss.backward()
+            opt.step()
+        else:
+            scaler.scale(step_loss).backward()
+            scaler.step(opt)
+            scaler.update()
         b = y.shape[0]
         n += b
         with torch.no_grad():
-            joint_sum += loss.detach().double() * b
+            if b:  # a rank's part of the last global batch may be empty (its loss is NaN)
+                joint_sum += loss.detach().double() * b
             for k, z in enumerate(outputs):
                 z = z.detach()
                 correct[k] += (z.argmax(1) == y).sum()
@@ -334,6 +396,10 @@ def _train_epoch(model, loader, opt, w, device, progress, desc) -> dict:
             bar.set_postfix(loss=f"{joint_sum.item() / n:.4f}",
                             acc="/".join(f"{a:.3f}" for a in acc), refresh=False)
     bar.close()
+    if ddp is not None:
+        n_all = torch.tensor(float(n), dtype=torch.float64, device=device)
+        all_reduce_sum(correct, loss_sum, joint_sum, n_all)
+        n = int(n_all.item())
     if n == 0:
         raise ValueError("train: the training data is empty")
     return {
@@ -388,7 +454,19 @@ def _loaders(data, val, batch_size: int, device: torch.device):
         raise ValueError("train: the training data is empty")
     gen = torch.Generator()
     pin = device.type == "cuda"
-    if isinstance(train_ds, TensorDataset):
+    if is_distributed():
+        # The 1-process order (RandomSampler draws randperm from gen too), cut into global
+        # batches, this rank's part of each.
+        sampler = ShardedBatchSampler(len(train_ds), batch_size, gen)
+        if isinstance(train_ds, TensorDataset):
+            loader = DataLoader(train_ds, sampler=sampler, batch_size=None, pin_memory=pin)
+        else:
+            # generator=gen: the 1-process DataLoader draws a worker seed from it before
+            # the permutation, and so must this one to draw the same permutation.
+            loader = DataLoader(train_ds, batch_sampler=sampler, pin_memory=pin, generator=gen,
+                                collate_fn=_collate_or_empty(train_ds))
+        loader._branchynet_sharded = sampler
+    elif isinstance(train_ds, TensorDataset):
         # Index the tensors with a whole batch of indices at once: one gather per batch
         # instead of batch_size __getitem__ calls and a collate.
         sampler = BatchSampler(RandomSampler(train_ds, generator=gen), batch_size, drop_last=False)
@@ -406,6 +484,71 @@ def _eval_loader(ds, batch_size: int, device: torch.device) -> DataLoader:
         sampler = BatchSampler(SequentialSampler(ds), batch_size, drop_last=False)
         return DataLoader(ds, sampler=sampler, batch_size=None, pin_memory=pin)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, pin_memory=pin)
+
+
+def _collate_or_empty(ds):
+    """default_collate, except that a rank's empty part of the last global batch becomes
+    zero rows shaped like the data set's samples (default_collate cannot collate [])."""
+    from torch.utils.data import default_collate
+
+    def collate(batch):
+        if batch:
+            return default_collate(batch)
+        return [t[:0] for t in default_collate([ds[0]])]
+    return collate
+
+
+def _shard(ds):
+    """This rank's contiguous part of a Dataset (a TensorDataset stays one, for the
+    batched fast path)."""
+    part = shard_range(len(ds))
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[part.start:part.stop] for t in ds.tensors))
+    return Subset(ds, part)
+
+
+class _LiveExits(torch.nn.Module):
+    """What DDP wraps: the model, with the outputs of exits not in the loss detached, so
+    that DDP's search for parameters without a gradient does not wait for theirs."""
+
+    def __init__(self, model: BranchyNet) -> None:
+        super().__init__()
+        self.model = model
+        self.live = list(range(model.num_exits))
+
+    def forward(self, x):
+        return [z if k in self.live else z.detach() for k, z in enumerate(self.model(x))]
+
+
+def _wrap_ddp(model, device, w):
+    # An exit with weight 0 (all but the last in the warm-up) leaves parameters without
+    # gradients, which DDP must search for; a search with none to find only costs time
+    # (and a warning), so the wrapper is rebuilt when the weights change.
+    return torch.nn.parallel.DistributedDataParallel(
+        _LiveExits(model), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=min(w) == 0)
+
+
+def _rank_share(loss, live_outputs, b: int, world: int, global_b: int):
+    """This rank's loss scaled so that DDP's average over ranks of the gradients is the
+    gradient of the global batch's mean loss: ``loss * b * world / global_b`` (1 when
+    the global batch is split evenly; not when the last one is not)."""
+    if b == 0:
+        # Nothing to learn from, but DDP's reduction needs this rank's (zero) gradients.
+        return sum(z.sum() for z in live_outputs) * 0.0
+    return loss * (b * world / global_b)
+
+
+def _check_amp(amp, device: torch.device):
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"amp={amp!r}: torch has no autocast for device type {device.type!r}")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"amp='bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use amp='fp16'")
+    return AMP_DTYPES[amp]
 
 
 def _make_optimizer(name: str, model, lr: float, weight_decay: float, momentum: float):
