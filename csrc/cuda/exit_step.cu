@@ -210,10 +210,13 @@ __device__ __forceinline__ RowResult decide(const SumTop2<acc_t>& st, int crit, 
   acc_t h = log_s - st.t / st.s;
   if (h < acc_t(0)) h = acc_t(0);  // rounding of a one-hot softmax; NaN < 0 is false
   acc_t score = h;
+  // 1 - max p = R / S and 1 - (p1 - p2) = (R + e2) / S: no cancellation, so a confident
+  // row keeps its score (fp32 1 - e1 / S is 0 below ~6e-8 and the row would leave at any
+  // threshold). Rows with a non-finite max have a NaN entropy and take it below.
   if (crit == 1) {
-    score = acc_t(1) - st.e1 / st.s;  // max p = max e / S
+    score = st.r / st.s;
   } else if (crit == 2) {
-    score = acc_t(1) - (st.e1 / st.s - st.e2 / st.s);
+    score = (st.r + st.e2) / st.s;
   }
   if (is_nan(h)) score = h;  // a NaN row never leaves early
   return {static_cast<float>(h), last || score < threshold};
