@@ -148,6 +148,11 @@ def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, ou
             raise ValueError(f"{name} must be {dt} of shape [{b}], got {t.dtype} {tuple(t.shape)}")
     if not out_logits.is_contiguous():
         raise ValueError("out_logits must be contiguous")
+    # A row outside the buffers is a device-side assert on CUDA (the context dies) and an
+    # out-of-bounds write in Triton: refuse it here, on every device (one read-back).
+    if k and bool(((rows < 0) | (rows >= b)).any()):
+        bad = rows[(rows < 0) | (rows >= b)][:3].tolist()
+        raise ValueError(f"rows must index the B = {b} rows of the output buffers, got {bad}")
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be one number, got a tensor of shape {tuple(threshold.shape)}")
@@ -183,7 +188,9 @@ def exit_step(
 
     Args:
         logits: [K, C] fp32/fp16/bf16, this exit's logits for the rows in flight.
-        rows: [K] int64, original batch row of each of the K rows (unique).
+        rows: [K] int64, original batch row of each of the K rows (unique), in
+            ``[0, B)``: checked here (one host read-back on a GPU; the engine's unchecked
+            path, :func:`kernels`, skips it).
         threshold: T >= 0 for this exit (ignored when ``last``).
         exit_index: 0-based index of this exit, written to ``out_exit``.
         out_logits: [B, C] contiguous, same dtype as ``logits``.
