@@ -83,3 +83,9 @@ def test_confident_rows_keep_their_max_prob_and_margin_scores(backend, criterion
         assert out[2].tolist() == ([1, 1] if leaves else [-1, -1])
         if leaves:
             assert out[1].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gather_index_outside_the_features_is_an_error_on_every_backend(backend):
+    with pytest.raises(ValueError, match=r"index must be in \[0, 3\), got \[3\]"):
+        gather_rows(torch.zeros(3, 2), torch.tensor([0, 3]), backend=backend)

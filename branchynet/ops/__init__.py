@@ -28,6 +28,7 @@ import torch
 
 from ..config import criterion_id
 from ..exits import _check_logits
+from . import _verify
 from ._torch import exit_step_torch, gather_rows_torch
 
 __all__ = [
@@ -92,13 +93,17 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Turn ``"auto"`` into a concrete backend for ``device``; refuse unavailable ones.
 
     ``auto`` never picks Triton on the CPU: the interpreter is for tests, not speed.
+    The first use of a fused backend on a device runs a quick check against the torch
+    reference (:mod:`branchynet.ops._verify`); a backend that fails it is skipped with
+    a warning, named or not (``BRANCHYNET_VERIFY=0`` turns the check off).
     """
     dev = torch.device(device)
     if backend == "auto":
         for b in available_backends(dev):
             if b == "triton" and dev.type != "cuda":
                 continue
-            return b
+            if _verify.passes(b, dev):  # first use on this device: checked against torch
+                return b
         return "torch"  # pragma: no cover - torch is always available
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -109,6 +114,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             "triton": _TRITON_ERROR or "Triton runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)",
         }.get(backend, "")
         raise RuntimeError(f"backend={backend!r} is not available on device {dev}: {why}")
+    if not _verify.passes(backend, dev):  # warned once; the next backend that passes
+        return resolve_backend("auto", dev)
     return backend
 
 
@@ -259,4 +266,7 @@ def gather_rows(features: torch.Tensor, index: torch.Tensor, *, backend: str = "
         raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} of rank {index.dim()}")
     if index.device != features.device:
         raise ValueError(f"index is on {index.device} but features are on {features.device}")
+    k = features.shape[0]
+    if index.numel() and bool(((index < 0) | (index >= k)).any()):  # one read-back on a GPU
+        raise ValueError(f"index must be in [0, {k}), got {index[(index < 0) | (index >= k)][:3].tolist()}")
     return kernels(resolve_backend(backend, features.device))[1](features, index)

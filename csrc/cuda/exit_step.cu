@@ -303,15 +303,20 @@ __global__ void __launch_bounds__(kBlock) exit_step_rows_kernel(const ExitParams
   int64_t r = 0;
   if (valid) {
     r = p.rows[i];
+    // The last line of defence only (it kills the context): checking on the host would
+    // cost a sync per exit, so branchynet.ops.exit_step refuses bad rows before the
+    // launch and the engine builds its rows itself.
     CUDA_KERNEL_ASSERT(r >= 0 && r < p.B);
   }
   if (leave) {
-    // The registers hold the logits exactly (fp16/bf16 -> fp32 -> back is lossless).
+    // Copied from the input, not from the fp32 registers: fp16/bf16 -> fp32 -> back
+    // changes NaN payloads (quiets them), and every other path copies the bits. The row
+    // was just read, so this read hits L1/L2.
     scalar_t* o = p.out_logits + r * C;
 #pragma unroll
     for (int j = 0; j < VPT; ++j) {
       const int64_t c = sub + static_cast<int64_t>(j) * TPR;
-      if (c < C) o[c] = static_cast<scalar_t>(v[j]);
+      if (c < C) o[c] = z[c];
     }
     if (sub == 0) {
       p.out_pred[r * p.pred_stride] = ma.idx;
