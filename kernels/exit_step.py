@@ -47,6 +47,7 @@ dtype works.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -67,6 +68,12 @@ ELEMS_PER_THREAD = 16
 #: Cap on rows per program, so that small-C batches still spread over the SMs: K = 4097
 #: rows of C = 10 take 129 programs (132 SMs on an H100), not 9.
 MAX_ROWS = 32
+#: Under the Triton interpreter (tests on a CPU) every program is a Python loop over the
+#: tile, and 4x the programs is 4x the test time: there the tiles are 8K elements and
+#: up to 512 rows. Only the compiled configuration matters for registers and spills, and
+#: tests/test_aot.py checks that one.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETER_TILE_ELEMS, INTERPRETER_MAX_ROWS = 8192, 512
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -291,12 +298,16 @@ def exit_step_config(c: int) -> tuple:
     ``("tile", ROWS, BLOCK_C, num_warps)`` or ``("chunked", ROWS, CHUNK, num_warps)``.
     It depends on ``C`` alone (not on the number of rows), so the compiled variants are
     one per (dtype, C, criterion, last)."""
+    tile, cap = (INTERPRETER_TILE_ELEMS, INTERPRETER_MAX_ROWS) if _INTERPRETED else (TILE_ELEMS, MAX_ROWS)
     if c <= MAX_TILE_C:
         block_c = triton.next_power_of_2(c)
-        rows_per = max(1, min(TILE_ELEMS // block_c, MAX_ROWS))
+        rows_per = max(1, min(tile // block_c, cap))
         return "tile", rows_per, block_c, _warps(rows_per * block_c)
     chunk = triton.next_power_of_2(min(CHUNK_C, c))
-    return "chunked", 1, chunk, _warps(chunk)
+    # One row of 4096-wide chunks a program on a GPU (several only when a test shrinks
+    # CHUNK_C, or under the interpreter).
+    rows_per = max(1, min(tile // 2 // chunk, cap))
+    return "chunked", rows_per, chunk, _warps(rows_per * chunk)
 
 
 def exit_step_triton(

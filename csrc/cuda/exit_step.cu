@@ -378,9 +378,6 @@ __global__ void __launch_bounds__(kBlock) exit_step_block_kernel(const ExitParam
   ma = block_allreduce(ma, max_arg_identity<acc_t>(), s_ma);
 
   SumTop2<acc_t> st = sum_top2_identity<acc_t>();
-  // Not unrolled: unrolled, the fp64 instantiation spills 8 bytes around exp's slow-path
-  // call (nvcc -Xptxas -v); the loop is bound by the L2 reads, not by its issue rate.
-#pragma unroll 1
   for (int c = threadIdx.x; c < C; c += kBlock) push(st, static_cast<acc_t>(z[c]), ma.m);
   st = block_allreduce(st, sum_top2_identity<acc_t>(), s_st);
 
