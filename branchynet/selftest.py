@@ -198,6 +198,18 @@ def _no_first_use_check():
             os.environ[_verify.ENV] = old
 
 
+@contextlib.contextmanager
+def _full_fp32():
+    # cuDNN convolutions default to TF32 on Ampere and later (~1e-3 relative): the
+    # engine and the per-sample rule must see the same fp32 network.
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def check_engine(device, backend, model_name: str, models: dict) -> Row:
     from .engine import EarlyExitEngine
     from .models import build_model
@@ -208,13 +220,17 @@ def check_engine(device, backend, model_name: str, models: dict) -> Row:
         model = build_model(model_name, num_classes=10).eval()
         b = _engine_batch(model_name, device)
         x = torch.randn(b, *model.input_shape, generator=torch.Generator().manual_seed(1))
-        t = _split_thresholds(model, x)
-        models[model_name] = (model, x, t, _rule(model, x, t))
-    model, x, t, want = models[model_name]
+        models[model_name] = (model, x, _split_thresholds(model, x))
+    model, x, t = models[model_name]
     model = model.to(device)
     try:
-        with _no_first_use_check():
-            res = EarlyExitEngine(model, t, backend=backend)(x.to(device))
+        with _full_fp32():
+            key = (model_name, str(device))
+            if key not in models:  # the rule on the engine's device, once per network
+                models[key] = _rule(model, x.to(device), t)
+            want = models[key]
+            with _no_first_use_check():
+                res = EarlyExitEngine(model, t, backend=backend)(x.to(device))
         for i, (n, pred, ent) in enumerate(want):
             got = (int(res.exit[i]), int(res.pred[i]), float(res.entropy[i]))
             err = abs(got[2] - ent)

@@ -30,7 +30,7 @@ from branchynet.ops._torch import exit_step_torch, gather_rows_torch
 ROOT = Path(__file__).resolve().parents[1]
 CU_SOURCE = ROOT / "csrc" / "cuda" / "exit_step.cu"
 CPP_SOURCE = ROOT / "csrc" / "exit_step.cpp"
-COMPILE_TIMEOUT_S = 110  # each compile; nvcc takes ~40 s for sm_90 on 2 cores
+COMPILE_TIMEOUT_S = 300  # each compile; nvcc takes ~40 s for sm_90 on 2 idle cores, 4 min on a loaded one
 
 try:
     from branchynet import _C

@@ -11,7 +11,7 @@ import torch
 
 import branchynet as bn
 from branchynet import EarlyExitEngine, entropy
-from branchynet.ops import available_backends
+from branchynet.ops import _verify, available_backends
 
 from test_engine import random_model, rule_by_hand
 
@@ -31,6 +31,9 @@ def _need(backend):
     if backend == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
     assert backend in available_backends("cuda"), f"backend {backend!r} missing on a GPU machine"
+    # A backend failing its first-use check would be swapped for the next one, and these
+    # tests would pass on that one.
+    assert _verify.passes(backend, torch.device("cuda")), f"{backend!r} failed its first-use check"
 
 
 def _midpoint_thresholds(model, x, ranks):

@@ -272,9 +272,11 @@ def test_exit_step_k0_and_dtype_errors(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_public_exit_step_triton_backend(device, criterion):
-    from branchynet.ops import available_backends, exit_step
+    from branchynet.ops import _verify, available_backends, exit_step
 
     assert "triton" in available_backends(device)
+    # Else backend="triton" would run the next backend (with a warning) and pass.
+    assert _verify.passes("triton", torch.device(device))
     logits = make_logits(100, 10, torch.float16, device, seed=9)
     cid = CRITERIA.index(criterion)
     t = mixed_threshold(logits, cid)
