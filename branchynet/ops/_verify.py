@@ -52,6 +52,8 @@ def passes(backend: str, device: torch.device) -> bool:
     (checked on the first call, then remembered). ``torch`` is the reference itself."""
     if backend == "torch" or os.environ.get(ENV, "1").strip() == "0":
         return True
+    if torch.compiler.is_compiling():  # never run (or trace) the check inside a graph
+        return True
     key = (backend, _device_key(torch.device(device)))
     with _LOCK:
         if key not in _RESULTS:
