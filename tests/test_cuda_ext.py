@@ -488,7 +488,7 @@ def test_cuda_dispatch_uses_extension():
     logits = make_logits(100, 10, torch.float32, "cuda", seed=1)
     rows = torch.arange(100, device="cuda")
     bufs = make_buffers(100, 10, torch.float32, "cuda")
-    # Even rows confident (one-hot at 20, entropy ~2e-7), odd rows flat (entropy log 10).
+    # Even rows confident (+20 against -20: entropy ~2e-15), odd rows flat (entropy log 10).
     logits[::2] = -20.0
     logits[::2, 3] = 20.0
     logits[1::2] = 0.0
