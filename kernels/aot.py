@@ -170,8 +170,8 @@ def grid(full: bool) -> list:
     widths). Otherwise a representative grid for CI: every tile width for the heaviest
     variant (margin, a side exit) in fp32 and bf16; every dtype x criterion x last at
     the widths closest to spilling (BLOCK_C 128, and the widest tile); the chunked kernel
-    per dtype; the gather at the narrowest, a middle and the widest block in int8 and
-    int64.
+    per dtype and last; the gather at the narrowest, a middle and the widest block for
+    every element width.
     """
     tiles, chunks, gathers = tile_configs(), chunked_configs(), gather_configs()
     out = []
@@ -192,9 +192,10 @@ def grid(full: bool) -> list:
             for last in lasts:
                 out += [("tile", d, c, last, cfg) for cfg in hot if (d, c, last) not in
                         (("fp32", 2, False), ("bf16", 2, False))]
-        out += [("chunked", d, 2, False, cfg) for cfg in chunks]
+        for last in lasts:  # the last exit spilled where the side exit did not
+            out += [("chunked", d, 2, last, cfg) for cfg in chunks]
     sample = [gathers[0], gathers[len(gathers) // 2], gathers[-1]]
-    out += [("gather", w, 0, False, cfg) for w in ("1", "8") for cfg in sample]
+    out += [("gather", w, 0, False, cfg) for w in map(str, _INT_PTR) for cfg in sample]
     return out
 
 

@@ -307,7 +307,9 @@ def exit_step_config(c: int) -> tuple:
     # One row of 4096-wide chunks a program on a GPU (several only when a test shrinks
     # CHUNK_C, or under the interpreter).
     rows_per = max(1, min(tile // 2 // chunk, cap))
-    return "chunked", rows_per, chunk, _warps(rows_per * chunk)
+    # Twice the warps of a tile this size: the online statistics keep more temporaries
+    # per element, and 4096-wide chunks on 8 warps spill 12 B (fp32, last exit; sm_90).
+    return "chunked", rows_per, chunk, _warps(2 * rows_per * chunk)
 
 
 def exit_step_triton(
@@ -396,7 +398,8 @@ def gather_config(n: int) -> tuple:
     (16 KB of int32), many short rows per program or one block of a wide row. It does
     not depend on the number of rows gathered (one compiled variant per row width)."""
     block_n = min(triton.next_power_of_2(n), 4096)
-    return max(1, 4096 // block_n), block_n, 4
+    # 8 warps, 16 elements a thread: with 4, ptxas spills 52 B for 2-byte elements.
+    return max(1, 4096 // block_n), block_n, 8
 
 
 def _dense_sample_strides(t: torch.Tensor):
