@@ -361,6 +361,14 @@ def run_info(args) -> None:
         print(f"{k.ljust(w)}  {v}")
 
 
+def run_selftest(args) -> None:
+    from . import selftest
+
+    code = selftest.main(args.device or None, args.backend or None, quick=args.quick)
+    if code:
+        raise SystemExit(code)  # any failed check: non-zero exit status
+
+
 # --- parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, devices and exit-op backends")
     i.set_defaults(func=run_info)
+
+    st = sub.add_parser("selftest", help="check every exit-op backend on every device against the "
+                                         "reference, and the engine against the per-sample rule")
+    st.add_argument("--device", action="append", help="only this device (repeatable; default: all)")
+    st.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
+    st.add_argument("--quick", action="store_true", help="a smaller grid (fp32/fp16, 4 class counts)")
+    st.set_defaults(func=run_selftest)
     return p
 
 

@@ -91,12 +91,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
         // Pass 2: S, sum e*d over e > 0, top two e. The sums run in double: a sequential
         // fp32 sum over C = 4099 terms errs ~100x more than torch's pairwise sum (the
         // GPU's per-lane + tree sums do not have this problem).
-        double s = 0, t = 0;
+        // `rest` is S without the argmax's term (exactly 1 when the max is finite): the
+        // max_prob and margin scores are rest / S and (rest + e2) / S, which keep a
+        // confident row's score (2.8e-9 for logits [20, 0, -1]) where 1 - e1 / S is 0.
+        double s = 0, t = 0, rest = 0;
         acc_t e1 = 0, e2 = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t d = static_cast<acc_t>(row[c]) - m;
           const acc_t e = std::exp(d);
           s += static_cast<double>(e);
+          if (c != arg) rest += static_cast<double>(e);
           if (e > acc_t(0)) t += static_cast<double>(e * d);
           if (e > e1) {
             e2 = e1;
@@ -105,12 +109,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
             e2 = e;
           }
         }
-        const acc_t sum = static_cast<acc_t>(s);
         acc_t h = static_cast<acc_t>(std::log(s) - t / s);
         if (h < acc_t(0)) h = acc_t(0);
         acc_t score = h;
-        if (criterion == 1) score = acc_t(1) - e1 / sum;
-        else if (criterion == 2) score = acc_t(1) - (e1 / sum - e2 / sum);
+        if (criterion == 1) score = static_cast<acc_t>(rest / s);
+        else if (criterion == 2) score = static_cast<acc_t>((rest + static_cast<double>(e2)) / s);
         if (std::isnan(h)) score = h;
         if (!(last || score < thr)) continue;
         leave[i] = 1;

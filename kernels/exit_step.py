@@ -10,10 +10,13 @@ exiting rows written once, survivors' indices written once.
 
 Two kernels, picked by the number of classes ``C``:
 
-* ``C <= MAX_TILE_C`` (16384): a program holds a ``ROWS x BLOCK_C`` tile in registers,
-  ``BLOCK_C = next_pow2(C)`` and ``ROWS`` chosen so the tile is about ``TILE_ELEMS`` (8K)
-  elements: 8 rows of ImageNet's 1000 classes, 512 rows of CIFAR-10's 10. Every row is
-  read once and every statistic comes from the registers.
+* ``C <= MAX_TILE_C`` (8192): a program holds a ``ROWS x BLOCK_C`` tile in registers,
+  ``BLOCK_C = next_pow2(C)`` and ``ROWS`` chosen so the tile is at most ``TILE_ELEMS``
+  (2K) elements and at most ``MAX_ROWS`` (32) rows: 2 rows of ImageNet's 1000 classes,
+  32 rows of CIFAR-10's 10. Every row is read once and every statistic comes from the
+  registers. ``ROWS`` and the warp count depend on ``C`` only, and ``K`` and
+  ``exit_index`` are not specialised on, so a (dtype, C, criterion, last) compiles once
+  whatever the survivor count (tests/test_aot.py counts the variants).
 * ``C > MAX_TILE_C``: a 16K-wide fp32 tile would spill, so a program walks the row in
   ``CHUNK_C`` (4096) chunks with an online max / sum-of-exp / sum of ``e * d`` (the
   flash-attention rescaling), keeps a running top-2 for the prediction and the margin,
@@ -44,6 +47,7 @@ dtype works.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -51,16 +55,25 @@ import triton.language as tl
 
 __all__ = ["exit_step_triton", "gather_rows_triton", "MAX_TILE_C", "CHUNK_C", "TILE_ELEMS"]
 
-#: Widest row held as one register tile; wider rows take the chunked kernel.
-MAX_TILE_C = 16384
+#: Widest row held as one register tile; wider rows take the chunked kernel. A 16K-wide
+#: tile needs 32 warps, which caps a thread at 64 registers, and spills 112 B on sm_90.
+MAX_TILE_C = 8192
 #: Chunk width of the chunked kernel (fp32: 16 KB of one row per step).
 CHUNK_C = 4096
-#: Target elements per program tile (rows x padded classes); 8K fp32 = 32 KB of
-#: registers over 8 warps, 32 per thread, before the temporaries.
-TILE_ELEMS = 8192
-#: Cap on rows per program: beyond 512 rows, the per-row vectors (cumsum, stores) stop
-#: being free and a small-C batch would use too few programs to fill the SMs.
-MAX_ROWS = 512
+#: Most elements of a program's tile (rows x padded classes): with ``ELEMS_PER_THREAD``
+#: per thread, 4 warps. Twice that per thread (512x16 with 8 warps, 32x128 with 4) uses
+#: 255 registers and spills 350-820 B on sm_90 (ptxas -v; tests/test_aot.py).
+TILE_ELEMS = 2048
+ELEMS_PER_THREAD = 16
+#: Cap on rows per program, so that small-C batches still spread over the SMs: K = 4097
+#: rows of C = 10 take 129 programs (132 SMs on an H100), not 9.
+MAX_ROWS = 32
+#: Under the Triton interpreter (tests on a CPU) every program is a Python loop over the
+#: tile, and 4x the programs is 4x the test time: there the tiles are 8K elements and
+#: up to 512 rows. Only the compiled configuration matters for registers and spills, and
+#: tests/test_aot.py checks that one.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETER_TILE_ELEMS, INTERPRETER_MAX_ROWS = 8192, 512
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,16 +91,18 @@ def _log1p(x):
 
 
 @triton.jit
-def _score(h, s, e2, CRITERION: tl.constexpr):
-    """Criterion score from the entropy ``h``, the sum of exp ``s`` (the top class has
-    ``e = exp(0) = 1``, so ``p1 = 1 / s`` exactly as ``max(e / s)`` in the reference) and
-    the runner-up's ``e2``. NaN entropy gives a NaN score (the row never leaves early)."""
+def _score(h, s, rest, e2, CRITERION: tl.constexpr):
+    """Criterion score from the entropy ``h``, the sum of exp ``s``, ``rest`` (``s``
+    without the top class's ``e = exp(0) = 1``) and the runner-up's ``e2``: ``1 - p1 =
+    rest / s`` and ``1 - (p1 - p2) = (rest + e2) / s``, which keep a confident row's score
+    where fp32 ``1 - 1 / s`` is 0 (below ~6e-8). NaN entropy gives a NaN score (the row
+    never leaves early)."""
     if CRITERION == 0:
         score = h
     elif CRITERION == 1:
-        score = 1.0 - 1.0 / s
+        score = rest / s
     else:
-        score = 1.0 - (1.0 / s - e2 / s)
+        score = (rest + e2) / s
     return tl.where(h != h, h, score)
 
 
@@ -113,7 +128,9 @@ def _write_and_compact(
         tl.store(surv_rows_ptr + slot, orow, mask=stay)
 
 
-@triton.jit
+# K and exit_index vary from launch to launch: specialising on them (K == 1, K % 16 == 0,
+# exit_index == 1) would compile a new variant per survivor count class.
+@triton.jit(do_not_specialize=["K", "exit_index"])
 def _exit_step_tile_kernel(
     logits_ptr, sl_k, sl_c,
     rows_ptr, s_rows,
@@ -128,7 +145,9 @@ def _exit_step_tile_kernel(
     # int64 row index: K * C can pass 2**31 elements.
     r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = r < K
-    col = tl.arange(0, BLOCK_C)
+    # int64 columns too: column-strided logits (a transposed view, sl_c = K) pass 2**31
+    # at col * sl_c once K * C does.
+    col = tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = col < C
     m2 = rmask[:, None] & cmask[None, :]
 
@@ -159,7 +178,7 @@ def _exit_step_tile_kernel(
         e2 = tl.exp(z2 - m)
     else:
         e2 = s
-    score = _score(h, s, e2, CRITERION)
+    score = _score(h, s, rest, e2, CRITERION)
 
     if LAST:
         leave = rmask
@@ -174,7 +193,7 @@ def _exit_step_tile_kernel(
                        surv_ptr, surv_rows_ptr, count_ptr, LAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "exit_index"])
 def _exit_step_chunked_kernel(
     logits_ptr, sl_k, sl_c,
     rows_ptr, s_rows,
@@ -188,7 +207,7 @@ def _exit_step_chunked_kernel(
     pid = tl.program_id(0)
     r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = r < K
-    col = tl.arange(0, CHUNK)
+    col = tl.arange(0, CHUNK).to(tl.int64)
     ninf = float("-inf")
 
     # Running state per row. `best`/`idx`/`second`: top-2 of the logits with NaN as +inf
@@ -245,7 +264,7 @@ def _exit_step_chunked_kernel(
     h = tl.where(h < 0, 0.0, h)
     h = tl.where(bad | (best == ninf), nan, h)
     e2 = tl.exp(second - best)
-    score = _score(h, s, e2, CRITERION)
+    score = _score(h, s, rest, e2, CRITERION)
     if LAST:
         leave = rmask
     else:
@@ -268,10 +287,29 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _tile_warps(tile: int) -> int:
-    # About 32 fp32 values of the tile per thread: 8 warps for the 8K target, 16 for the
-    # single 16K-wide rows that would spill at 8 warps.
-    return max(1, min(16, tile // 1024))
+def _warps(tile: int) -> int:
+    # ELEMS_PER_THREAD values of the tile per thread: 1 warp for 32x16, 4 for 2K tiles,
+    # 16 for one 8K-wide row.
+    return max(1, min(16, tile // (32 * ELEMS_PER_THREAD)))
+
+
+def exit_step_config(c: int) -> tuple:
+    """The launch configuration the dispatcher picks for ``C`` classes:
+    ``("tile", ROWS, BLOCK_C, num_warps)`` or ``("chunked", ROWS, CHUNK, num_warps)``.
+    It depends on ``C`` alone (not on the number of rows), so the compiled variants are
+    one per (dtype, C, criterion, last)."""
+    tile, cap = (INTERPRETER_TILE_ELEMS, INTERPRETER_MAX_ROWS) if _INTERPRETED else (TILE_ELEMS, MAX_ROWS)
+    if c <= MAX_TILE_C:
+        block_c = triton.next_power_of_2(c)
+        rows_per = max(1, min(tile // block_c, cap))
+        return "tile", rows_per, block_c, _warps(rows_per * block_c)
+    chunk = triton.next_power_of_2(min(CHUNK_C, c))
+    # One row of 4096-wide chunks a program on a GPU (several only when a test shrinks
+    # CHUNK_C, or under the interpreter).
+    rows_per = max(1, min(tile // 2 // chunk, cap))
+    # Twice the warps of a tile this size: the online statistics keep more temporaries
+    # per element, and 4096-wide chunks on 8 warps spill 12 B (fp32, last exit; sm_90).
+    return "chunked", rows_per, chunk, _warps(2 * rows_per * chunk)
 
 
 def exit_step_triton(
@@ -319,24 +357,18 @@ def exit_step_triton(
         survivors, survivor_rows, count,
         k, c, float(threshold), int(exit_index),
     )
+    kind, rows_per, width, warps = exit_step_config(c)
+    grid = (triton.cdiv(k, rows_per),)
     with _device_guard(logits):
-        if c <= MAX_TILE_C:
-            block_c = triton.next_power_of_2(c)
-            rows_per = max(1, min(TILE_ELEMS // block_c, MAX_ROWS, triton.next_power_of_2(k)))
-            tile = rows_per * block_c
-            grid = (triton.cdiv(k, rows_per),)
+        if kind == "tile":
             _exit_step_tile_kernel[grid](
                 *args, CRITERION=int(criterion), LAST=bool(last),
-                ROWS=rows_per, BLOCK_C=block_c,
-                num_warps=_tile_warps(tile),
+                ROWS=rows_per, BLOCK_C=width, num_warps=warps,
             )
         else:
-            chunk = triton.next_power_of_2(min(CHUNK_C, c))
-            rows_per = max(1, min(TILE_ELEMS // 2 // chunk, triton.next_power_of_2(k)))
-            grid = (triton.cdiv(k, rows_per),)
             _exit_step_chunked_kernel[grid](
                 *args, CRITERION=int(criterion), LAST=bool(last),
-                ROWS=rows_per, CHUNK=chunk, num_warps=8,
+                ROWS=rows_per, CHUNK=width, num_warps=warps,
             )
     return survivors, survivor_rows, count
 
@@ -344,7 +376,7 @@ def exit_step_triton(
 # --- gather ----------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, M, N,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -359,6 +391,15 @@ def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, M, N,
 
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def gather_config(n: int) -> tuple:
+    """``(ROWS, BLOCK_N, num_warps)`` for rows of ``n`` elements: 4K elements a program
+    (16 KB of int32), many short rows per program or one block of a wide row. It does
+    not depend on the number of rows gathered (one compiled variant per row width)."""
+    block_n = min(triton.next_power_of_2(n), 4096)
+    # 8 warps, 16 elements a thread: with 4, ptxas spills 52 B for 2-byte elements.
+    return max(1, 4096 // block_n), block_n, 8
 
 
 def _dense_sample_strides(t: torch.Tensor):
@@ -408,11 +449,9 @@ def gather_rows_triton(features: torch.Tensor, index: torch.Tensor) -> torch.Ten
     else:
         src, dst = src.view(torch.uint8), dst.view(torch.uint8)
         n *= size
-    # ~16 KB per program of the widest rows; many short rows per program otherwise.
-    block_n = min(triton.next_power_of_2(n), 4096)
-    rows_per = max(1, min(4096 // block_n, triton.next_power_of_2(m)))
+    rows_per, block_n, warps = gather_config(n)
     grid = (triton.cdiv(m, rows_per), triton.cdiv(n, block_n))
     with _device_guard(features):
         _gather_rows_kernel[grid](src, index.contiguous(), dst, m, n,
-                                  ROWS=rows_per, BLOCK_N=block_n, num_warps=4)
+                                  ROWS=rows_per, BLOCK_N=block_n, num_warps=warps)
     return out

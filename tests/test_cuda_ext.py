@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-import math
+import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -29,7 +30,7 @@ from branchynet.ops._torch import exit_step_torch, gather_rows_torch
 ROOT = Path(__file__).resolve().parents[1]
 CU_SOURCE = ROOT / "csrc" / "cuda" / "exit_step.cu"
 CPP_SOURCE = ROOT / "csrc" / "exit_step.cpp"
-COMPILE_TIMEOUT_S = 110  # each compile; nvcc takes ~40 s for sm_90 on 2 cores
+COMPILE_TIMEOUT_S = 300  # each compile; nvcc takes ~40 s for sm_90 on 2 idle cores, 4 min on a loaded one
 
 try:
     from branchynet import _C
@@ -91,7 +92,7 @@ def _torch_compile_flags() -> list[str]:
     return flags
 
 
-def _run_compiler(cmd: list[str], source: Path) -> None:
+def _run_compiler(cmd: list[str], source: Path) -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -100,6 +101,7 @@ def _run_compiler(cmd: list[str], source: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{out[-20000:]}"
     ours = [line for line in out.splitlines() if source.name in line and "warning" in line.lower()]
     assert not ours, "warnings in our source:\n" + "\n".join(ours)
+    return out
 
 
 @compile_timeout
@@ -110,13 +112,27 @@ def test_nvcc_compiles_cuda_kernels(tmp_path):
     cmd = [
         "nvcc", "-c", str(CU_SOURCE), "-o", str(tmp_path / "exit_step.cuda.o"),
         "-gencode", "arch=compute_90,code=sm_90",
+        "-Xptxas", "-v",  # registers and spills of every kernel instantiation
         "-Xcompiler", "-fPIC,-Wall,-Wextra",
         "-DBRANCHYNET_WITH_CUDA",
         *COMMON_NVCC_FLAGS,
         *_torch_compile_flags(),
     ]
-    _run_compiler(cmd, CU_SOURCE)
+    out = _run_compiler(cmd, CU_SOURCE)
     assert (tmp_path / "exit_step.cuda.o").stat().st_size > 0
+    # ptxas -v: "Compiling entry function '<mangled>' for 'sm_90'" then, among others,
+    # "N bytes stack frame, S bytes spill stores, L bytes spill loads".
+    entries = re.findall(r"Compiling entry function '([^']+)'", out)
+    spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)]
+    assert any("exit_step_rows_kernel" in e for e in entries) and any("gather_rows_kernel" in e for e in entries)
+    assert len(spills) == len(entries), out[-4000:]
+    # The one known exception: the fp64 block kernel (C > 1024, float64 logits) saves
+    # one 8-byte register around the calls to fp64 division's slow path (an ABI save
+    # once per row, with 48 registers in use: not register pressure).
+    allowed = {"exit_step_block_kernelIdE": 8}
+    spilled = [(e, s) for e, s in zip(entries, spills)
+               if max(s) > next((v for k, v in allowed.items() if k in e), 0)]
+    assert not spilled, f"{len(spilled)} of {len(entries)} kernels spill: {spilled[:5]}"
 
 
 @compile_timeout
@@ -169,7 +185,8 @@ def pick_threshold(logits: torch.Tensor, criterion: int) -> float:
     s = score[torch.isfinite(score)].double().sort().values
     if s.numel() == 0:
         return 0.5
-    if s.numel() == 1:
+    if s.numel() == 1 or s[0] == s[-1]:
+        # One score (C = 1: every criterion is 0): every finite row must leave.
         return float(s[0]) + 0.25
     lo, hi = s.numel() // 4, max(s.numel() * 3 // 4, s.numel() // 4 + 1)
     gaps = s[lo + 1:hi + 1] - s[lo:hi]
@@ -236,6 +253,8 @@ def test_exit_step_matches_oracle(device, dtype, k, c, criterion):
     n = check_exit_step(logits, rows, b, t, criterion, exit_index=2, last=False)
     if k >= 7 and c > 1 and criterion == 0:
         assert 0 < n < k, "the threshold should split the batch"
+    if c == 1:  # one class: p = 1, every score 0 < T, every row leaves with pred 0
+        assert n == 0
     assert check_exit_step(logits, rows, b, t, criterion, exit_index=3, last=True) == 0
 
 
@@ -469,8 +488,48 @@ def test_cuda_dispatch_uses_extension():
     logits = make_logits(100, 10, torch.float32, "cuda", seed=1)
     rows = torch.arange(100, device="cuda")
     bufs = make_buffers(100, 10, torch.float32, "cuda")
-    surv, _, count = ops.exit_step(logits, rows, 1.0, 0, *bufs, backend="cuda")
-    assert 0 <= int(count) <= 100 and not math.isnan(float(bufs[3][bufs[2] == 0].sum()))
+    # Even rows confident (+20 against -20: entropy ~2e-15), odd rows flat (entropy log 10).
+    logits[::2] = -20.0
+    logits[::2, 3] = 20.0
+    logits[1::2] = 0.0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        surv, _, count = ops.exit_step(logits, rows, 1.0, 2, *bufs, backend="cuda")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("exit_step_rows_kernel" in n for n in names), names  # our kernel ran
+    assert int(count) == 50
+    assert torch.equal(surv[:50].sort().values, torch.arange(1, 100, 2, device="cuda"))
+    assert bufs[2][::2].eq(2).all() and bufs[2][1::2].eq(POISON["exit"]).all()
+    assert bufs[1][::2].eq(3).all() and bufs[3][::2].lt(1e-6).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_machine_has_the_cuda_kernels():
+    # Without this, a GPU machine whose build fell back to CPU-only would skip every
+    # CUDA case above and pass. BRANCHYNET_EXPECT_NO_CUDA_EXT=1 says the fallback is meant.
+    if os.environ.get("BRANCHYNET_EXPECT_NO_CUDA_EXT") == "1":
+        pytest.skip("BRANCHYNET_EXPECT_NO_CUDA_EXT=1: a CPU-only extension is expected")
+    assert HAS_OPS, "branchynet._C is not importable on a GPU machine"
+    assert _C.has_cuda(), "branchynet._C was built without CUDA on a GPU machine: every CUDA test skips"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_OPS, reason="needs a GPU and branchynet._C built with CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c", [10, 100, 3000])
+def test_cuda_copies_nan_payloads_bit_for_bit(dtype, c):
+    # fp16/bf16 -> fp32 -> back quiets a signalling NaN and can change its payload; the
+    # leaving rows' logits must be the input's bits, as on every other path.
+    bits = torch.randint(-2000, 2000, (8, c), generator=torch.Generator().manual_seed(c), dtype=torch.int16)
+    payloads = [0x7C01, 0x7D55, -0x0201] if dtype == torch.float16 else [0x7F81, 0x7FA5, -0x007F]
+    for i, p in enumerate(payloads):
+        bits[i, i] = p
+    logits = bits.view(dtype).cuda()
+    assert torch.isnan(logits[:3].float()).any(dim=1).all()
+    bufs = make_buffers(8, c, dtype, "cuda")
+    torch.ops.branchynet.exit_step(logits, torch.arange(8, device="cuda"), 0.5, 0, 4, True, *bufs)
+    assert torch.equal(bufs[0].view(torch.int16).cpu(), bits)
 
 
 @pytest.mark.parametrize("device", [

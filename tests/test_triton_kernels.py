@@ -72,7 +72,10 @@ def check_against_reference(logits, threshold, criterion, last, *, extra_rows=5,
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(b, generator=g)[:k].to(device)
     ref_out = out_factory(b, c, logits.dtype, device)
-    tri_out = tuple(t.clone() for t in ref_out)
+    # A second call, not clone(): clone makes a non-dense strided buffer contiguous, and
+    # the kernel would never see the strides under test.
+    tri_out = out_factory(b, c, logits.dtype, device)
+    assert [t.stride() for t in tri_out] == [t.stride() for t in ref_out]
     r_surv, r_rows, r_count = exit_step_torch(
         logits, rows, threshold, criterion, EXIT_INDEX, last, *ref_out)
     t_surv, t_rows, t_count = tk.exit_step_triton(
@@ -201,7 +204,9 @@ def test_exit_step_strided_inputs_and_outputs(device, dtype):
         # Per-row outputs as columns of wider tensors: stride 2, not 1.
         lg, pred, ex, ent = poisoned(b, c, dt, dev)
         wide = lambda t: torch.stack([t, t], 1)[:, 0]  # noqa: E731
-        return lg, wide(pred), wide(ex), wide(ent)
+        out = lg, wide(pred), wide(ex), wide(ent)
+        assert [t.stride() for t in out[1:]] == [(2,)] * 3
+        return out
 
     for logits in (base[:, ::2], transposed):
         assert not logits.is_contiguous()
@@ -267,9 +272,11 @@ def test_exit_step_k0_and_dtype_errors(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_public_exit_step_triton_backend(device, criterion):
-    from branchynet.ops import available_backends, exit_step
+    from branchynet.ops import _verify, available_backends, exit_step
 
     assert "triton" in available_backends(device)
+    # Else backend="triton" would run the next backend (with a warning) and pass.
+    assert _verify.passes("triton", torch.device(device))
     logits = make_logits(100, 10, torch.float16, device, seed=9)
     cid = CRITERIA.index(criterion)
     t = mixed_threshold(logits, cid)
@@ -367,3 +374,18 @@ def test_small_entropies_are_accurate_relative_to_themselves(device, c, chunked,
     assert float(want.min()) < 1e-6
     rel = ((out[3].cpu().double() - want.double()).abs() / want.double().clamp_min(1e-30)).max()
     assert rel < 1e-5, float(rel)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_column_strided_logits_past_2_31_elements(device):
+    # A transposed view (stride (1, S)) whose last column starts past element 2**31: the
+    # column offset col * S must be int64. The 4 GiB fp16 storage is never touched
+    # except at the 3 x 8 elements in use (pages are allocated lazily on the CPU).
+    s_c = 2**30 + 16
+    k, c = 8, 3
+    store = torch.empty(2 * s_c + k, dtype=torch.float16, device=device)
+    logits = store.as_strided((k, c), (1, s_c))
+    logits.copy_((torch.randn(k, c, generator=torch.Generator().manual_seed(0)) * 4).to(device))
+    assert logits.storage_offset() + (c - 1) * s_c >= 2**31
+    for criterion in (0, 1):
+        check_against_reference(logits, mixed_threshold(logits, criterion), criterion, False, seed=1)

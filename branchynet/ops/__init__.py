@@ -29,6 +29,7 @@ import torch
 
 from ..config import criterion_id
 from ..exits import _check_logits
+from . import _verify
 from ._torch import exit_step_torch, gather_rows_torch
 
 __all__ = [
@@ -93,13 +94,17 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Turn ``"auto"`` into a concrete backend for ``device``; refuse unavailable ones.
 
     ``auto`` never picks Triton on the CPU: the interpreter is for tests, not speed.
+    The first use of a fused backend on a device runs a quick check against the torch
+    reference (:mod:`branchynet.ops._verify`); a backend that fails it is skipped with
+    a warning, named or not (``BRANCHYNET_VERIFY=0`` turns the check off).
     """
     dev = torch.device(device)
     if backend == "auto":
         for b in available_backends(dev):
             if b == "triton" and dev.type != "cuda":
                 continue
-            return b
+            if _verify.passes(b, dev):  # first use on this device: checked against torch
+                return b
         return "torch"  # pragma: no cover - torch is always available
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -110,6 +115,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             "triton": _TRITON_ERROR or "Triton runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)",
         }.get(backend, "")
         raise RuntimeError(f"backend={backend!r} is not available on device {dev}: {why}")
+    if not _verify.passes(backend, dev):  # warned once; the next backend that passes
+        return resolve_backend("auto", dev)
     return backend
 
 
@@ -149,6 +156,11 @@ def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, ou
             raise ValueError(f"{name} must be {dt} of shape [{b}], got {t.dtype} {tuple(t.shape)}")
     if not out_logits.is_contiguous():
         raise ValueError("out_logits must be contiguous")
+    # A row outside the buffers is a device-side assert on CUDA (the context dies) and an
+    # out-of-bounds write in Triton: refuse it here, on every device (one read-back).
+    if k and bool(((rows < 0) | (rows >= b)).any()):
+        bad = rows[(rows < 0) | (rows >= b)][:3].tolist()
+        raise ValueError(f"rows must index the B = {b} rows of the output buffers, got {bad}")
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be one number, got a tensor of shape {tuple(threshold.shape)}")
@@ -184,7 +196,9 @@ def exit_step(
 
     Args:
         logits: [K, C] fp32/fp16/bf16, this exit's logits for the rows in flight.
-        rows: [K] int64, original batch row of each of the K rows (unique).
+        rows: [K] int64, original batch row of each of the K rows (unique), in
+            ``[0, B)``: checked here (one host read-back on a GPU; the engine's unchecked
+            path, :func:`kernels`, skips it).
         threshold: T >= 0 for this exit (ignored when ``last``).
         exit_index: 0-based index of this exit, written to ``out_exit``.
         out_logits: [B, C] contiguous, same dtype as ``logits``.
@@ -253,4 +267,7 @@ def gather_rows(features: torch.Tensor, index: torch.Tensor, *, backend: str = "
         raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} of rank {index.dim()}")
     if index.device != features.device:
         raise ValueError(f"index is on {index.device} but features are on {features.device}")
+    k = features.shape[0]
+    if index.numel() and bool(((index < 0) | (index >= k)).any()):  # one read-back on a GPU
+        raise ValueError(f"index must be in [0, {k}), got {index[(index < 0) | (index >= k)][:3].tolist()}")
     return kernels(resolve_backend(backend, features.device))[1](features, index)

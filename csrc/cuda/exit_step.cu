@@ -210,10 +210,13 @@ __device__ __forceinline__ RowResult decide(const SumTop2<acc_t>& st, int crit, 
   acc_t h = log_s - st.t / st.s;
   if (h < acc_t(0)) h = acc_t(0);  // rounding of a one-hot softmax; NaN < 0 is false
   acc_t score = h;
+  // 1 - max p = R / S and 1 - (p1 - p2) = (R + e2) / S: no cancellation, so a confident
+  // row keeps its score (fp32 1 - e1 / S is 0 below ~6e-8 and the row would leave at any
+  // threshold). Rows with a non-finite max have a NaN entropy and take it below.
   if (crit == 1) {
-    score = acc_t(1) - st.e1 / st.s;  // max p = max e / S
+    score = st.r / st.s;
   } else if (crit == 2) {
-    score = acc_t(1) - (st.e1 / st.s - st.e2 / st.s);
+    score = (st.r + st.e2) / st.s;
   }
   if (is_nan(h)) score = h;  // a NaN row never leaves early
   return {static_cast<float>(h), last || score < threshold};
@@ -270,14 +273,16 @@ __global__ void __launch_bounds__(kBlock) exit_step_rows_kernel(const ExitParams
   const int sub = tid % TPR;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + tid / TPR;
   const bool valid = i < p.K;
-  const int64_t C = p.C;
-  const scalar_t* z = p.logits + (valid ? i : 0) * C;
+  // 32-bit column indices (C <= 1024 here): 64-bit ones, unrolled VPT = 32 times, took
+  // the registers that made <32, 32> spill 4 bytes on sm_90 (nvcc -Xptxas -v).
+  const int C = static_cast<int>(p.C);
+  const scalar_t* z = p.logits + (valid ? i : 0) * p.C;
 
   acc_t v[VPT];
   MaxArg<acc_t> ma = max_arg_identity<acc_t>();
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
-    const int64_t c = sub + static_cast<int64_t>(j) * TPR;
+    const int c = sub + j * TPR;
     v[j] = acc_t(0);
     if (valid && c < C) {
       v[j] = static_cast<acc_t>(z[c]);
@@ -289,7 +294,7 @@ __global__ void __launch_bounds__(kBlock) exit_step_rows_kernel(const ExitParams
   SumTop2<acc_t> st = sum_top2_identity<acc_t>();
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
-    const int64_t c = sub + static_cast<int64_t>(j) * TPR;
+    const int c = sub + j * TPR;
     if (valid && c < C) push(st, v[j], ma.m);
   }
   st = group_allreduce<TPR>(st);
@@ -300,15 +305,20 @@ __global__ void __launch_bounds__(kBlock) exit_step_rows_kernel(const ExitParams
   int64_t r = 0;
   if (valid) {
     r = p.rows[i];
+    // The last line of defence only (it kills the context): checking on the host would
+    // cost a sync per exit, so branchynet.ops.exit_step refuses bad rows before the
+    // launch and the engine builds its rows itself.
     CUDA_KERNEL_ASSERT(r >= 0 && r < p.B);
   }
   if (leave) {
-    // The registers hold the logits exactly (fp16/bf16 -> fp32 -> back is lossless).
-    scalar_t* o = p.out_logits + r * C;
+    // Copied from the input, not from the fp32 registers: fp16/bf16 -> fp32 -> back
+    // changes NaN payloads (quiets them), and every other path copies the bits. The row
+    // was just read, so this read hits L1/L2.
+    scalar_t* o = p.out_logits + r * p.C;
 #pragma unroll
     for (int j = 0; j < VPT; ++j) {
-      const int64_t c = sub + static_cast<int64_t>(j) * TPR;
-      if (c < C) o[c] = static_cast<scalar_t>(v[j]);
+      const int c = sub + j * TPR;
+      if (c < C) o[c] = z[c];
     }
     if (sub == 0) {
       p.out_pred[r * p.pred_stride] = ma.idx;
@@ -360,23 +370,23 @@ __global__ void __launch_bounds__(kBlock) exit_step_block_kernel(const ExitParam
   __shared__ SumTop2<acc_t> s_st[kWarpsPerBlock + 1];
 
   const int64_t i = blockIdx.x;  // grid == K
-  const int64_t C = p.C;
-  const scalar_t* z = p.logits + i * C;
+  const int C = static_cast<int>(p.C);  // < 2^31, checked on the host
+  const scalar_t* z = p.logits + i * p.C;
 
   MaxArg<acc_t> ma = max_arg_identity<acc_t>();
-  for (int64_t c = threadIdx.x; c < C; c += kBlock) push(ma, static_cast<acc_t>(z[c]), c);
+  for (int c = threadIdx.x; c < C; c += kBlock) push(ma, static_cast<acc_t>(z[c]), c);
   ma = block_allreduce(ma, max_arg_identity<acc_t>(), s_ma);
 
   SumTop2<acc_t> st = sum_top2_identity<acc_t>();
-  for (int64_t c = threadIdx.x; c < C; c += kBlock) push(st, static_cast<acc_t>(z[c]), ma.m);
+  for (int c = threadIdx.x; c < C; c += kBlock) push(st, static_cast<acc_t>(z[c]), ma.m);
   st = block_allreduce(st, sum_top2_identity<acc_t>(), s_st);
 
   const RowResult res = decide(st, p.criterion, static_cast<acc_t>(p.threshold), p.last);
   const int64_t r = p.rows[i];
   CUDA_KERNEL_ASSERT(r >= 0 && r < p.B);
   if (res.leave) {
-    scalar_t* o = p.out_logits + r * C;
-    for (int64_t c = threadIdx.x; c < C; c += kBlock) o[c] = z[c];
+    scalar_t* o = p.out_logits + r * p.C;
+    for (int c = threadIdx.x; c < C; c += kBlock) o[c] = z[c];
   }
   if (threadIdx.x == 0) {
     if (res.leave) {
@@ -424,6 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cuda(
   const int64_t K = shape.K, C = shape.C, B = shape.B;
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(K <= std::numeric_limits<int32_t>::max(), "exit_step: at most 2^31 - 1 rows, got ", K);
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "exit_step: at most 2^31 - 1 classes, got ", C);
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();

@@ -1,0 +1,108 @@
+"""The first-use check of the fused backends (branchynet.ops._verify)."""
+
+import warnings
+
+import pytest
+import torch
+
+from branchynet import EarlyExitEngine, ops
+from branchynet.ops import _verify
+
+needs_cpp = pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="branchynet._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv(_verify.ENV, raising=False)
+    _verify.reset()
+    yield
+    _verify.reset()
+
+
+def _break_cpp_pred(monkeypatch):
+    """The cpp backend with a wrong prediction for every leaving row."""
+    real = ops.kernels
+
+    def step(logits, rows, threshold, criterion, exit_index, last, out_logits, out_pred, out_exit, out_entropy):
+        res = real("cpp")[0](logits, rows, threshold, criterion, exit_index, last,
+                             out_logits, out_pred, out_exit, out_entropy)
+        out_pred[out_exit == exit_index] += 1
+        return res
+
+    def kernels(backend):
+        return (step, real("cpp")[1]) if backend == "cpp" else real(backend)
+
+    monkeypatch.setattr(ops, "kernels", kernels)
+
+
+@needs_cpp
+def test_a_correct_backend_passes_silently():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.resolve_backend("auto", "cpu") == "cpp"
+        assert ops.resolve_backend("cpp", "cpu") == "cpp"
+
+
+@needs_cpp
+def test_wrong_answers_warn_once_naming_the_backend_and_fall_back(monkeypatch):
+    _break_cpp_pred(monkeypatch)
+    with pytest.warns(RuntimeWarning, match=r"the 'cpp' exit-op backend failed its first-use check.*pred differs"):
+        assert ops.resolve_backend("auto", "cpu") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process and device: no second warning
+        assert ops.resolve_backend("auto", "cpu") == "torch"
+        assert ops.resolve_backend("cpp", "cpu") == "torch"  # named, it falls back too
+        # The engine resolves through the same path and so runs the reference instead.
+        from test_engine import random_model
+
+        model = random_model(3, num_exits=2, dtype=torch.float32).eval()
+        eng = EarlyExitEngine(model, [0.5], backend="auto")
+        assert eng.backend_for("cpu") == "torch"
+
+
+@needs_cpp
+def test_a_backend_that_raises_fails_the_check(monkeypatch):
+    real = ops.kernels
+
+    def boom(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(ops, "kernels", lambda b: (boom, real(b)[1]) if b == "cpp" else real(b))
+    with pytest.warns(RuntimeWarning, match=r"'cpp'.*raised RuntimeError: no kernel image"):
+        assert ops.resolve_backend("auto", "cpu") == "torch"
+
+
+@needs_cpp
+def test_the_environment_variable_turns_the_check_off(monkeypatch):
+    _break_cpp_pred(monkeypatch)
+    monkeypatch.setenv(_verify.ENV, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.resolve_backend("auto", "cpu") == "cpp"
+
+
+def test_the_comparison_catches_each_kind_of_wrong_answer():
+    step = ops.kernels("torch")[0]
+    logits = _verify._check_logits(64, 10, "cpu")
+    rows = torch.randperm(70, generator=torch.Generator().manual_seed(0))[:64]
+    t = _verify.gap_threshold(logits, 0)
+    assert _verify.compare_exit_step(step, logits, rows, 70, t, 0, 1, False)[0] is None
+
+    def spoil(what):
+        def bad(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh):
+            res = step(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh)
+            if what == "extra_write":
+                oe[rows[res[0][0]]] = exit_index  # a survivor marked as leaving
+            elif what == "entropy":
+                oh[oe == exit_index] *= 1.001
+            elif what == "logits":
+                ol[rows[res[0][-1]], 0] += 1
+            elif what == "count":
+                res = (res[0], res[1], res[2] + 1)
+            return res
+        return bad
+
+    for what, msg in (("extra_write", "exit index differs"), ("entropy", "entropy off"),
+                      ("logits", "bit for bit"), ("count", "survivor count")):
+        failure, _ = _verify.compare_exit_step(spoil(what), logits, rows, 70, t, 0, 1, False)
+        assert failure is not None and msg in failure, (what, failure)
