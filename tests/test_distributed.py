@@ -182,6 +182,12 @@ def test_torchrun_cli_train_and_calibrate(tmp_path):
     assert r.stdout.count("chosen thresholds") == 1, r.stdout  # rank 0 reports
     assert main(["calibrate", str(tmp_path / "two.pt"), "--out", str(tmp_path / "cal1")]) == 0
     # Accuracy and exit fractions of every threshold combination: the same sweep (the
-    # time column is measured, so it differs).
-    cols = lambda p: [line.split(",")[:3] for line in (p / "calibration.csv").read_text().splitlines()]  # noqa: E731
-    assert cols(tmp_path / "cal2") == cols(tmp_path / "cal1")
+    # time column is measured, so it differs). The candidate thresholds sit between
+    # neighbouring float32 scores, which the sharded pass computes in other batches: equal
+    # to float rounding.
+    rows = lambda p: [line.split(",") for line in (p / "calibration.csv").read_text().splitlines()]  # noqa: E731
+    two_rows, one_rows = rows(tmp_path / "cal2"), rows(tmp_path / "cal1")
+    assert [r[1:3] for r in two_rows] == [r[1:3] for r in one_rows]
+    assert two_rows[0] == one_rows[0]  # the header
+    for a, b in zip(two_rows[1:], one_rows[1:]):
+        assert [float(t) for t in a[0].split()] == pytest.approx([float(t) for t in b[0].split()], rel=1e-5)
