@@ -26,6 +26,7 @@ from .models.branchynet import BranchyNet
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainHistory", "evaluate", "train"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+FREEZE = (None, "backbone")
 SCHEDULES = (None, "cosine")
 
 
@@ -92,6 +93,9 @@ def train(
     schedule: str | None = None,
     log: Callable[[str], None] | None = None,
     extra: dict | None = None,
+    freeze: str | None = None,
+    distill: float = 0.0,
+    temperature: float = 3.0,
 ) -> TrainHistory:
     """Train a BranchyNet with the joint loss.
 
@@ -128,6 +132,13 @@ def train(
         log: called with a one-line summary after every epoch (e.g. ``print``).
         extra: plain data saved in every checkpoint beside the training state (e.g. the
             data set's name, so ``branchynet calibrate`` finds it).
+        freeze: ``None`` (train everything with the joint loss) or ``"backbone"``: train
+            only the side branches, as on a pretrained backbone. The stages and the final
+            exit run in eval mode without autograd (batch-norm statistics included, they
+            stay bit-identical); the final exit's term leaves the loss.
+        distill: share of the self-distillation term in each side exit's loss (SDN /
+            BYOT style, the final exit as teacher; see :func:`branchynet.joint_loss`).
+        temperature: the distillation temperature ``T``.
 
     Returns:
         :class:`TrainHistory`, one entry per epoch (resumed runs include the epochs
@@ -161,12 +172,25 @@ def train(
     n_exits = model.num_exits
     weights = check_weights(model.exit_config.weights if weights is None else weights, n_exits)
     main_only = (0.0,) * (n_exits - 1) + (1.0,)
+    if freeze not in FREEZE:
+        raise ValueError(f"freeze must be one of {FREEZE}, got {freeze!r}")
+    if freeze is not None:
+        if main_first_epochs:
+            raise ValueError("main_first_epochs trains the final exit alone, which "
+                             "freeze='backbone' keeps fixed; use one or the other")
+        if not any(wk > 0 for wk in weights[:-1]):
+            raise ValueError(f"freeze='backbone' trains the side branches, but every side exit's "
+                             f"weight is 0 (weights {weights}); give one a weight > 0")
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {distill}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
 
     device = torch.device(device)
     model.to(device)
     train_loader, val_data = _loaders(data, val, batch_size, device)
     shuffle_gen = getattr(train_loader, "_branchynet_generator", None)
-    opt = _make_optimizer(optimizer, model, lr, weight_decay, momentum)
+    opt = _make_optimizer(optimizer, _trainable(model, freeze), lr, weight_decay, momentum)
 
     history = TrainHistory()
     start = 0
@@ -211,7 +235,8 @@ def train(
             # sampler state.
             shuffle_gen.manual_seed(_epoch_seed(seed, epoch))
         stats = _train_epoch(model, train_loader, opt, w, device, progress,
-                             desc=f"epoch {epoch + 1}/{epochs}")
+                             desc=f"epoch {epoch + 1}/{epochs}", freeze=freeze, distill=distill,
+                             temperature=temperature)
         history.epoch.append(epoch + 1)
         history.lr.append(lr_e)
         history.weights.append(list(w))
@@ -300,9 +325,14 @@ def evaluate(
 # -- internals -----------------------------------------------------------------------------
 
 
-def _train_epoch(model, loader, opt, w, device, progress, desc) -> dict:
+def _train_epoch(model, loader, opt, w, device, progress, desc, freeze=None, distill=0.0,
+                 temperature=3.0) -> dict:
     model.train()
     live = [k for k, wk in enumerate(w) if wk > 0]
+    if freeze is not None:
+        live = [k for k in live if k < model.num_exits - 1]
+        for m in _frozen(model):
+            m.eval()
     live_w = [w[k] for k in live]
     n_exits = model.num_exits
     # Sums stay on the device; reading them every batch would sync a GPU every step.
@@ -313,11 +343,12 @@ def _train_epoch(model, loader, opt, w, device, progress, desc) -> dict:
     bar = _progress_bar(loader, desc, progress)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        outputs = model(x)
+        outputs = model(x) if freeze is None else _forward_frozen(model, x)
         # Only exits with a non-zero weight enter the graph: the others' branches (and
         # stages past the last live exit) get grad None, so the optimizer leaves them and
         # their state alone, rather than stepping on zero gradients.
-        loss = joint_loss([outputs[k] for k in live], y, live_w)
+        loss = joint_loss([outputs[k] for k in live], y, live_w, distill=distill,
+                          temperature=temperature, teacher=outputs[-1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -408,8 +439,34 @@ def _eval_loader(ds, batch_size: int, device: torch.device) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, pin_memory=pin)
 
 
-def _make_optimizer(name: str, model, lr: float, weight_decay: float, momentum: float):
-    params = model.parameters()
+def _frozen(model) -> list:
+    return [*model.stages, model.branches[-1]]
+
+
+def _trainable(model, freeze) -> list:
+    """Every parameter, or with a frozen backbone those of the side branches only."""
+    if freeze is None:
+        return list(model.parameters())
+    fixed = {id(p) for m in _frozen(model) for p in m.parameters()}
+    return [p for p in model.branches[:-1].parameters() if id(p) not in fixed]
+
+
+def _forward_frozen(model, x) -> list:
+    """``model(x)`` with the stages and the final exit outside autograd: the side branches
+    are all that is trained, so backward stops at their inputs."""
+    outputs = []
+    last = model.num_exits - 1
+    for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
+        with torch.no_grad():
+            x = stage(x)
+            if n == last:
+                outputs.append(branch(x))
+        if n < last:
+            outputs.append(branch(x))
+    return outputs
+
+
+def _make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
