@@ -37,12 +37,14 @@ from .config import CRITERIA, ExitConfig  # noqa: E402
 from .exits import entropy, exit_scores  # noqa: E402
 from .loss import joint_loss  # noqa: E402
 from .models import BranchyNet, from_sequential, from_stages  # noqa: E402
+from .models import attach_exits  # noqa: E402
 from .engine import EarlyExitEngine, ExitResult  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, load_engine, save_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "attach_exits",
     "BranchyNet",
     "CheckpointError",
     "CRITERIA",

@@ -56,6 +56,11 @@ def _int_list(text: str) -> list:
     return [_positive_int(t) for t in text.split(",")]
 
 
+def _name_list(text: str) -> list:
+    """Comma-separated module names, e.g. ``layer1,layer2``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _float_list(text: str) -> list:
     try:
         return [float(t) for t in text.split(",")]
@@ -246,24 +251,43 @@ def run_train(args) -> None:
     from .distributed import init_from_env, is_main
     from .train import evaluate, train
 
+    if args.arch is None and (args.after or args.pretrained):
+        raise SystemExit("error: --after and --pretrained go with --arch torchvision:NAME")
     device = init_from_env(args.device).device
-    dataset = args.dataset or default_dataset_for(args.model.replace("-", "_"))
+    dataset = args.dataset or ("digits" if args.arch else default_dataset_for(args.model.replace("-", "_")))
     splits = load_dataset(dataset, args.data_root, seed=args.seed)
     # The initial weights are part of the run: seeded here, not by train(), which comes
     # after the model is built.
     torch.manual_seed(args.seed)
-    model = _build(args.model, splits).to(device)
+    model = (_build(args.model, splits) if args.arch is None else _build_arch(args, splits)).to(device)
     if args.weights:
         model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.
     train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
           seed=args.seed, checkpoint=args.out, resume=args.resume, progress=not args.quiet,
-          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed}, amp=args.amp)
+          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed}, amp=args.amp,
+          freeze=args.freeze, distill=args.distill)
     acc = evaluate(model, splits.test, device=device)
     if is_main():
         print(json.dumps(acc, indent=2, default=float))
         print(f"saved {args.out}")
+
+
+def _build_arch(args, splits):
+    """``--arch torchvision:NAME --after a,b``: the model with exits after those modules."""
+    from .models.attach import torchvision_exits
+
+    kind, _, name = args.arch.partition(":")
+    if kind != "torchvision" or not name:
+        raise SystemExit(f"error: --arch must be torchvision:NAME (e.g. torchvision:resnet18), got {args.arch!r}")
+    if not args.after:
+        raise SystemExit("error: --arch needs --after, the modules to put exits after (e.g. layer1,layer2)")
+    try:
+        return torchvision_exits(name, args.after, splits.num_classes, splits.input_shape,
+                                 weights=args.pretrained, branch=args.branch)
+    except (ImportError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def run_calibrate(args) -> None:
@@ -407,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--weights", type=_float_list, default=None, help="joint-loss weights, comma separated, one per exit")
     t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
+    t.add_argument("--arch", default=None, help="torchvision:NAME, exits on a torchvision model (instead of --model)")
+    t.add_argument("--after", type=_name_list, default=None, help="with --arch: module names to put exits after")
+    t.add_argument("--pretrained", default=None, help="with --arch: a local state_dict file to start from")
+    t.add_argument("--branch", default="auto", choices=("auto", "conv"), help="with --arch: side branch kind")
+    t.add_argument("--freeze", default=None, choices=("backbone",), help="train only the side branches")
+    t.add_argument("--distill", type=_fraction, default=0.0, help="self-distillation share (final exit teaches)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--amp", default=None, choices=("bf16", "fp16"),
                    help="mixed-precision training (torch.autocast; fp16 with a GradScaler); default off")

@@ -29,6 +29,7 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainHistory", "evaluate", "train"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FREEZE = (None, "backbone")
 SCHEDULES = (None, "cosine")
 
 
@@ -96,6 +97,9 @@ def train(
     log: Callable[[str], None] | None = None,
     extra: dict | None = None,
     amp: str | None = None,
+    freeze: str | None = None,
+    distill: float = 0.0,
+    temperature: float = 3.0,
 ) -> TrainHistory:
     """Train a BranchyNet with the joint loss.
 
@@ -136,6 +140,13 @@ def train(
             forward pass and the loss run under ``torch.autocast`` at that dtype (the
             weights and the optimizer stay float32); ``"fp16"`` also scales the loss
             with a ``torch.amp.GradScaler`` so that small gradients do not underflow.
+        freeze: ``None`` (train everything with the joint loss) or ``"backbone"``: train
+            only the side branches, as on a pretrained backbone. The stages and the final
+            exit run in eval mode without autograd (batch-norm statistics included, they
+            stay bit-identical); the final exit's term leaves the loss.
+        distill: share of the self-distillation term in each side exit's loss (SDN /
+            BYOT style, the final exit as teacher; see :func:`branchynet.joint_loss`).
+        temperature: the distillation temperature ``T``.
 
     Data parallel: when a process group of more than one process is initialised (by
     :func:`branchynet.distributed.init_from_env` under torchrun), the model is wrapped in
@@ -178,6 +189,19 @@ def train(
     n_exits = model.num_exits
     weights = check_weights(model.exit_config.weights if weights is None else weights, n_exits)
     main_only = (0.0,) * (n_exits - 1) + (1.0,)
+    if freeze not in FREEZE:
+        raise ValueError(f"freeze must be one of {FREEZE}, got {freeze!r}")
+    if freeze is not None:
+        if main_first_epochs:
+            raise ValueError("main_first_epochs trains the final exit alone, which "
+                             "freeze='backbone' keeps fixed; use one or the other")
+        if not any(wk > 0 for wk in weights[:-1]):
+            raise ValueError(f"freeze='backbone' trains the side branches, but every side exit's "
+                             f"weight is 0 (weights {weights}); give one a weight > 0")
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {distill}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
 
     device = torch.device(device)
     amp_dtype = _check_amp(amp, device)
@@ -186,7 +210,7 @@ def train(
     shuffle_gen = getattr(train_loader, "_branchynet_generator", None)
     ddp, ddp_w = None, None
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    opt = _make_optimizer(optimizer, model, lr, weight_decay, momentum)
+    opt = _make_optimizer(optimizer, _trainable(model, freeze), lr, weight_decay, momentum)
 
     history = TrainHistory()
     start = 0
@@ -234,13 +258,14 @@ def train(
             g["lr"] = lr_e
         if is_distributed() and w != ddp_w:
             ddp = None  # its reducer's hooks go with it, before the new one adds its own
-            ddp, ddp_w = _wrap_ddp(model, device, w), w
+            ddp, ddp_w = _wrap_ddp(model, device, w, freeze), w
         if shuffle_gen is not None:
             # Each epoch's order depends on (seed, epoch) only, so resuming needs no
             # sampler state.
             shuffle_gen.manual_seed(_epoch_seed(seed, epoch))
         stats = _train_epoch(model, train_loader, opt, w, device, progress and is_main(),
-                             desc=f"epoch {epoch + 1}/{epochs}", ddp=ddp, amp_dtype=amp_dtype, scaler=scaler)
+                             desc=f"epoch {epoch + 1}/{epochs}", ddp=ddp, amp_dtype=amp_dtype, scaler=scaler,
+                             freeze=freeze, distill=distill, temperature=temperature)
         history.epoch.append(epoch + 1)
         history.lr.append(lr_e)
         history.weights.append(list(w))
@@ -345,9 +370,14 @@ def evaluate(
 # -- internals -----------------------------------------------------------------------------
 
 
-def _train_epoch(model, loader, opt, w, device, progress, desc, ddp=None, amp_dtype=None, scaler=None) -> dict:
+def _train_epoch(model, loader, opt, w, device, progress, desc, ddp=None, amp_dtype=None, scaler=None,
+                 freeze=None, distill=0.0, temperature=3.0) -> dict:
     model.train()
     live = [k for k, wk in enumerate(w) if wk > 0]
+    if freeze is not None:
+        live = [k for k in live if k < model.num_exits - 1]
+        for m in _frozen(model):
+            m.eval()
     live_w = [w[k] for k in live]
     forward = model
     if ddp is not None:
@@ -365,11 +395,12 @@ def _train_epoch(model, loader, opt, w, device, progress, desc, ddp=None, amp_dt
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = forward(x)
+            outputs = forward(x) if freeze is None or ddp is not None else _forward_frozen(model, x)
             # Only exits with a non-zero weight enter the graph: the others' branches (and
             # stages past the last live exit) get grad None, so the optimizer leaves them and
             # their state alone, rather than stepping on zero gradients.
-            loss = joint_loss([outputs[k] for k in live], y, live_w)
+            loss = joint_loss([outputs[k] for k in live], y, live_w, distill=distill,
+                              temperature=temperature, teacher=outputs[-1])
         step_loss = loss
         if ddp is not None:
             global_b = sharded.global_size(i) if sharded is not None else y.shape[0] * world
@@ -511,22 +542,25 @@ class _LiveExits(torch.nn.Module):
     """What DDP wraps: the model, with the outputs of exits not in the loss detached, so
     that DDP's search for parameters without a gradient does not wait for theirs."""
 
-    def __init__(self, model: BranchyNet) -> None:
+    def __init__(self, model: BranchyNet, freeze: str | None = None) -> None:
         super().__init__()
         self.model = model
+        self.freeze = freeze
         self.live = list(range(model.num_exits))
 
     def forward(self, x):
-        return [z if k in self.live else z.detach() for k, z in enumerate(self.model(x))]
+        outs = self.model(x) if self.freeze is None else _forward_frozen(self.model, x)
+        return [z if k in self.live else z.detach() for k, z in enumerate(outs)]
 
 
-def _wrap_ddp(model, device, w):
+def _wrap_ddp(model, device, w, freeze=None):
     # An exit with weight 0 (all but the last in the warm-up) leaves parameters without
     # gradients, which DDP must search for; a search with none to find only costs time
-    # (and a warning), so the wrapper is rebuilt when the weights change.
+    # (and a warning), so the wrapper is rebuilt when the weights change. A frozen
+    # backbone runs outside autograd: its parameters get no gradient either.
     return torch.nn.parallel.DistributedDataParallel(
-        _LiveExits(model), device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=min(w) == 0)
+        _LiveExits(model, freeze), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=min(w) == 0 or freeze is not None)
 
 
 def _rank_share(loss, live_outputs, b: int, world: int, global_b: int):
@@ -550,9 +584,34 @@ def _check_amp(amp, device: torch.device):
         raise ValueError(f"amp='bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use amp='fp16'")
     return AMP_DTYPES[amp]
 
+def _frozen(model) -> list:
+    return [*model.stages, model.branches[-1]]
 
-def _make_optimizer(name: str, model, lr: float, weight_decay: float, momentum: float):
-    params = model.parameters()
+
+def _trainable(model, freeze) -> list:
+    """Every parameter, or with a frozen backbone those of the side branches only."""
+    if freeze is None:
+        return list(model.parameters())
+    fixed = {id(p) for m in _frozen(model) for p in m.parameters()}
+    return [p for p in model.branches[:-1].parameters() if id(p) not in fixed]
+
+
+def _forward_frozen(model, x) -> list:
+    """``model(x)`` with the stages and the final exit outside autograd: the side branches
+    are all that is trained, so backward stops at their inputs."""
+    outputs = []
+    last = model.num_exits - 1
+    for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
+        with torch.no_grad():
+            x = stage(x)
+            if n == last:
+                outputs.append(branch(x))
+        if n < last:
+            outputs.append(branch(x))
+    return outputs
+
+
+def _make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":

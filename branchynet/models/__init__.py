@@ -5,6 +5,7 @@ from .lenet import b_lenet
 from .alexnet import b_alexnet
 from .resnet import b_resnet110
 from .registry import MODELS, build_model
+from .attach import attach_exits, auto_branch, conv_branch, linear_branch, pool_linear_branch, token_branch, torchvision_exits  # noqa: E501
 
 __all__ = [
     "BackboneOnly",
@@ -18,3 +19,4 @@ __all__ = [
     "from_sequential",
     "from_stages",
 ]
+__all__ += ["attach_exits", "auto_branch", "conv_branch", "linear_branch", "pool_linear_branch", "token_branch", "torchvision_exits"]  # noqa: E501

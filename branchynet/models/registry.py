@@ -5,17 +5,20 @@ from __future__ import annotations
 from typing import Callable
 
 from .alexnet import b_alexnet
+from .attach import torchvision_exits
 from .branchynet import BranchyNet
 from .lenet import b_lenet
 from .resnet import b_resnet110
 
 __all__ = ["MODELS", "build_model"]
 
-#: The paper's networks by factory name (``arch["name"]`` of the models they build).
+#: The paper's networks by factory name (``arch["name"]`` of the models they build), and
+#: ``"torchvision"``: exits on a torchvision model (:func:`~branchynet.models.attach.torchvision_exits`).
 MODELS: dict[str, Callable[..., BranchyNet]] = {
     "b_lenet": b_lenet,
     "b_alexnet": b_alexnet,
     "b_resnet110": b_resnet110,
+    "torchvision": torchvision_exits,  # exits on a torchvision model (needs torchvision)
 }
 
 
