@@ -90,6 +90,15 @@ def main(out: Path) -> None:
     train(generic, torch.utils.data.Subset(data8.train, range(65)), epochs=1, batch_size=64, progress=False)
     if r == 0:
         torch.save(generic.state_dict(), out / f"generic_w{world}.pt")
+    # Frozen backbone + self-distillation (the stages and final exit run outside autograd,
+    # also under DDP): the side branch trains as in one process, the rest stays put.
+    frozen = dropout_mlp()
+    for mod in frozen.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    train(frozen, data8, epochs=2, seed=4, batch_size=32, progress=False, freeze="backbone", distill=0.5)
+    if r == 0:
+        torch.save(frozen.state_dict(), out / f"frozen_w{world}.pt")
     result["resume_equal"] = all(torch.equal(a, b) for a, b in
                                  zip(whole.state_dict().values(), resumed.state_dict().values()))
     result["saves"] = saves

@@ -138,6 +138,18 @@ def test_two_ranks_train_the_single_process_weights(launches):
     assert res["w2_r1"]["history"] == h2
 
 
+def test_two_ranks_train_frozen_backbone_with_distillation_like_one(launches):
+    out, _ = launches
+    from tests.dist_worker import dropout_mlp
+
+    start = dropout_mlp().state_dict()
+    one, two = torch.load(out / "frozen_w1.pt"), torch.load(out / "frozen_w2.pt")
+    assert _max_diff(one, two) < 1e-5
+    side = {k for k in start if k.startswith("branches.0.")}
+    assert side and all(not torch.equal(one[k], start[k]) for k in side)  # the branch trained
+    assert all(torch.equal(two[k], start[k]) for k in start if k not in side)  # the rest did not
+
+
 def test_two_ranks_evaluate_and_gather_like_one(launches):
     out, res = launches
     one, two, other = (res[k]["eval_fresh"] for k in ("w1_r0", "w2_r0", "w2_r1"))
