@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # `import profiles` from the suites, whatever pytest's import mode.
@@ -110,6 +112,8 @@ class BenchContext:
         self.device_name = self.info.get("gpu") if self.cuda else (platform.processor() or platform.machine())
         self._models, self._pools, self._profiles, self._flops = {}, {}, {}, {}
         self._backbones, self._compiled, self._graphs = {}, {}, {}
+        self._segment_fns, self._segments = {}, {}
+        self.compile_s = None
 
     # device ------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -191,6 +195,67 @@ class BenchContext:
 
             self._graphs[key] = run
         return self._graphs[key]
+
+    # segment-time ideal -----------------------------------------------------------------
+    def _time_call(self, fn, timer, target_s: float = 0.15, rounds: int = 15) -> float:
+        """Median seconds per call of ``fn()`` over ``rounds`` rounds (after warm-up)."""
+        for _ in range(3):  # compile / allocator growth
+            fn()
+        self.sync()
+        t0 = timer()
+        fn()
+        self.sync()
+        one = max(timer() - t0, 1e-7)
+        per_round = max(1, min(1000, int(target_s / rounds / one)))
+        ts = []
+        for _ in range(rounds):
+            t0 = timer()
+            for _ in range(per_round):
+                fn()
+            self.sync()
+            ts.append((timer() - t0) / per_round)
+        return statistics.median(ts)
+
+    def segment_fn(self, name: str, n: int):
+        """Stage n and branch n compiled together (static batch, one graph per size)."""
+        key = (name, n)
+        if key not in self._segment_fns:
+            P.raise_dynamo_limits()
+            model = self.model(name)
+            mod = torch.nn.Sequential(model.stages[n], model.branches[n]).eval()
+            mode = os.environ.get("BRANCHYNET_BENCH_COMPILE_MODE") or None
+            self._segment_fns[key] = torch.compile(mod, dynamic=False, mode=mode)
+        return self._segment_fns[key]
+
+    def segment_times(self, name: str, batch: int, profile: str, fractions, kind: str, timer=None) -> dict:
+        """The segment-time ideal of a call of ``batch`` samples with exit ``fractions``:
+        each stage with its branch timed alone on the rows it sees (``P.segment_rows``),
+        summed. ``kind="compiled"`` takes, per segment, the faster of eager and compiled
+        (the compiled engine runs one row eagerly). Cached per arguments."""
+        fractions = [float(f) for f in fractions]
+        key = (name, batch, profile, kind, tuple(round(f, 9) for f in fractions))
+        if key in self._segments:
+            return self._segments[key]
+        timer = timer or time.perf_counter
+        model = self.model(name)
+        rows = P.segment_rows(batch, fractions)
+        per_exit = []
+        with torch.inference_mode():
+            h = self.pool(name)[: max(k for k, _ in rows)]
+            for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
+                k, weight = rows[n]
+                hin = h[:k].contiguous()
+                fns = {"eager": lambda v=hin, s=stage, b=branch: b(s(v))}
+                if kind == "compiled":
+                    seg = self.segment_fn(name, n)
+                    fns["compiled"] = lambda v=hin, f=seg: f(v)
+                times = {label: self._time_call(f, timer) for label, f in fns.items()}
+                best = min(times, key=times.get)
+                per_exit.append({"rows": k, "weight": weight, "s": times[best], "by": best, "times": times})
+                h = stage(h)
+        out = {"kind": kind, "exits": per_exit, "total": sum(e["s"] * e["weight"] for e in per_exit)}
+        self._segments[key] = out
+        return out
 
     # extra_info common to every benchmark ------------------------------------------------
     def common_info(self) -> dict:
