@@ -92,6 +92,16 @@ def software_info() -> dict:
     return info
 
 
+def pytest_report_header(config):
+    from branchynet.ops import backend_status
+
+    ext = backend_status()["extension"]
+    if ext != "loaded":
+        return [f"branchynet extension {ext}: the cpp/cuda providers are NOT in this run "
+                f"(build it: pip install --no-build-isolation -e .)"]
+    return ["branchynet extension loaded"]
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(software_info())
     machine_info.setdefault("platform", platform.platform())
