@@ -155,6 +155,8 @@ def run_demo(args) -> dict:
     engine = EarlyExitEngine(model, thresholds, backend=args.backend)
     with torch.inference_mode():
         res = engine(xt)
+        acc_b = float((res.pred == yt).float().mean())
+        acc_base = float((baseline(xt).argmax(1) == yt).float().mean())
     compiled = None
     if args.compile:
         # Compiled twins of both rows (torch.compile, dynamic batch); compile time apart.
@@ -168,8 +170,6 @@ def run_demo(args) -> dict:
             for b in (1, 256):
                 baseline_c(xt[:b])
         print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-        acc_b = float((res.pred == yt).float().mean())
-        acc_base = float((baseline(xt).argmax(1) == yt).float().mean())
     fracs = res.exit_fractions
     ideal = profile_flops(model).ideal_speedup(fracs)
 

@@ -269,3 +269,15 @@ def test_compiled_dynamic_on_gpu():
         assert_same(eng(x), ref(x))
     assert graphs() == before
     assert math.isfinite(before)
+
+
+def test_demo_compile_flag_parses(capsys):
+    from branchynet.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).compile is False
+    assert parser.parse_args(["demo", "--compile"]).compile is True
+    assert parser.parse_args(["demo", "--compile", "max-autotune"]).compile == "max-autotune"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--compile", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
