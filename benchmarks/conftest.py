@@ -251,18 +251,26 @@ class BenchContext:
         rows = P.segment_rows(batch, fractions)
         per_exit = []
         with torch.inference_mode():
-            h = self.pool(name)[: max(k for k, _ in rows)]
+            h = self.pool(name)
             for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
                 k, weight = rows[n]
-                hin = h[:k].contiguous()
-                fns = {"eager": lambda v=hin, s=stage, b=branch: b(s(v))}
+                # Up to 8 disjoint inputs in turn, as the providers get a new batch per
+                # call: one input timed over and over would sit in cache.
+                ins = [h[i * k:(i + 1) * k].contiguous() for i in range(max(1, min(8, h.shape[0] // k)))]
+                turn = [0]
+
+                def nxt(ins=ins, turn=turn):
+                    turn[0] = (turn[0] + 1) % len(ins)
+                    return ins[turn[0]]
+
+                fns = {"eager": lambda s=stage, b=branch, nxt=nxt: b(s(nxt()))}
                 if kind == "compiled":
                     seg = self.segment_fn(name, n)
-                    fns["compiled"] = lambda v=hin, f=seg: f(v)
+                    fns["compiled"] = lambda f=seg, nxt=nxt: f(nxt())
                 times = {label: self._time_call(f, timer) for label, f in fns.items()}
                 best = min(times, key=times.get)
                 per_exit.append({"rows": k, "weight": weight, "s": times[best], "by": best, "times": times})
-                h = stage(h)
+                h = torch.cat([stage(h[i:i + 256]) for i in range(0, h.shape[0], 256)])
         out = {"kind": kind, "exits": per_exit, "total": sum(e["s"] * e["weight"] for e in per_exit)}
         self._segments[key] = out
         return out

@@ -426,6 +426,9 @@ def engine_providers(device: torch.device | str, batch: int) -> list:
     - ``engine_<best>_compile``: the engine with ``compile=True`` (or
       BRANCHYNET_BENCH_COMPILE_MODE) and the device's best backend, where
       ``backbone_compile`` runs.
+    - ``engine_<best>_buckets``: ``compile=True, buckets=True``: static graphs, one per
+      power-of-two bucket (the CPU's alternative to dynamic-shape code), where
+      ``backbone_compile`` runs, on the CPU.
     - ``engine_<best>_graphs``: ``compile="reduce-overhead"`` (bucketed CUDA graphs), CUDA.
     """
     from branchynet.ops import available_backends
@@ -446,16 +449,19 @@ def engine_providers(device: torch.device | str, batch: int) -> list:
         out.append(f"engine_{backends[0]}_compile")
     if cuda:
         out.append(f"engine_{backends[0]}_graphs")
+    elif compile_on_cpu():
+        out.append(f"engine_{backends[0]}_buckets")
     return out
 
 
 def engine_kwargs(provider: str) -> dict:
     """EarlyExitEngine keyword arguments of an ``engine_*`` provider."""
     rest = provider[len("engine_"):]
-    for suffix, compile_arg in (("_compile", os.environ.get("BRANCHYNET_BENCH_COMPILE_MODE") or True),
-                                ("_graphs", "reduce-overhead")):
+    mode = os.environ.get("BRANCHYNET_BENCH_COMPILE_MODE") or True
+    for suffix, extra in (("_compile", {"compile": mode}), ("_buckets", {"compile": mode, "buckets": True}),
+                          ("_graphs", {"compile": "reduce-overhead"})):
         if rest.endswith(suffix):
-            return {"backend": rest[: -len(suffix)], "compile": compile_arg}
+            return {"backend": rest[: -len(suffix)], **extra}
     return {"backend": rest}
 
 

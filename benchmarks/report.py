@@ -28,7 +28,7 @@ PROVIDER_ORDER = (
     "backbone_eager", "backbone_compile", "backbone_cudagraph", "naive", "per_sample",
     "engine_cuda", "engine_cuda_compile", "engine_cuda_graphs", "engine_triton",
     "engine_triton_compile", "engine_triton_graphs", "engine_cpp", "engine_cpp_compile",
-    "engine_torch", "engine_torch_compile", "engine_torch_graphs",
+    "engine_cpp_buckets", "engine_torch", "engine_torch_compile", "engine_torch_graphs",
 )
 OP_PROVIDER_ORDER = ("op_eager", "op_compile", "op_triton", "op_cuda", "op_cpp", "copy")
 KERNEL_PROVIDERS = ("op_triton", "op_cuda", "op_cpp")
@@ -46,7 +46,7 @@ def _is_exit_provider(p: str) -> bool:
 
 
 def _is_compiled(p: str) -> bool:
-    return p.endswith("_compile") or p.endswith("_graphs")
+    return p.endswith(("_compile", "_graphs", "_buckets"))
 
 
 def load(*paths) -> dict:
@@ -275,14 +275,17 @@ def engine_tables(data: dict) -> str:
                             row.append(f"{100 * r['segment_efficiency']:.0f}%" if r.get("segment_efficiency") else "–")
                         for pv in comp_provs:
                             r = cell.get((bsz, pv)) or {}
-                            row.append(f"{_fmt(r.get('speedup_vs_compiled'))}x" if r.get("speedup_vs_compiled") else "–")
+                            if pv != COMPILED_BASELINE:
+                                row.append(f"{_fmt(r.get('speedup_vs_compiled'))}x"
+                                           if r.get("speedup_vs_compiled") else "–")
                             row.append(f"{r['compile_s']:.0f} s" if r.get("compile_s") is not None else "–")
                         body.append(row)
                     head = ["B"]
                     for pv in seg_provs:
                         head += [f"seg. ideal {pv}", f"eff. vs seg. {pv}"]
                     for pv in comp_provs:
-                        head += [f"{pv} vs {COMPILED_BASELINE}", f"compile {pv}"]
+                        head += ([f"{pv} vs {COMPILED_BASELINE}"] if pv != COMPILED_BASELINE else []) + [
+                            f"compile {pv}"]
                     out += ["Segment-time ideal (speedup over the eager backbone), efficiency against it; "
                             "compiled providers against the compiled backbone, compile time apart:", "",
                             _table(head, body), ""]

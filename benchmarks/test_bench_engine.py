@@ -168,6 +168,7 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
         "backend": kw.get("backend"),
         "compile": kw.get("compile") if kw.get("compile") is not True else "default",
         "compile_s": compile_s,
+        "buckets": bool(kw.get("buckets")) or kw.get("compile") == "reduce-overhead",
         "cuda_graphs": provider == "backbone_cudagraph" or kw.get("compile") == "reduce-overhead",
         "segment_s_per_call": seg["total"] if seg else None,
         "segment_times": seg,
