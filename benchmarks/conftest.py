@@ -270,10 +270,40 @@ class BenchContext:
                 times = {label: self._time_call(f, timer) for label, f in fns.items()}
                 best = min(times, key=times.get)
                 per_exit.append({"rows": k, "weight": weight, "s": times[best], "by": best, "times": times})
+                self._segment_fns[key + (n,)] = fns[best]
                 h = torch.cat([stage(h[i:i + 256]) for i in range(0, h.shape[0], 256)])
-        out = {"kind": kind, "exits": per_exit, "total": sum(e["s"] * e["weight"] for e in per_exit)}
+        out = {"kind": kind, "exits": per_exit, "total": sum(e["s"] * e["weight"] for e in per_exit),
+               "key": list(key)}
         self._segments[key] = out
         return out
+
+    def interleaved_segment_efficiency(self, seg: dict, key: tuple, call, per_call_s: float, timer=None,
+                                       rounds: int = 31, round_s: float = 0.03) -> dict:
+        """Segment time / provider time, per round, with the provider's calls (``call``)
+        and the segments' alternating in one loop: a load that drifts between two
+        measurements does not enter it. Returns median and quartiles."""
+        timer = timer or time.perf_counter
+        fns = [(self._segment_fns[key + (n,)], e["weight"], max(1, int(round_s / 2 / max(e["s"], 1e-7))))
+               for n, e in enumerate(seg["exits"])]
+        n_call = max(1, int(round_s / 2 / max(per_call_s, 1e-7)))
+        ratios = []
+        with torch.inference_mode():
+            for _ in range(rounds):
+                t0 = timer()
+                for _ in range(n_call):
+                    call()
+                self.sync()
+                t_call = (timer() - t0) / n_call
+                t_seg = 0.0
+                for fn, weight, reps in fns:
+                    t0 = timer()
+                    for _ in range(reps):
+                        fn()
+                    self.sync()
+                    t_seg += weight * (timer() - t0) / reps
+                ratios.append(t_seg / t_call)
+        q = statistics.quantiles(ratios, n=4)
+        return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "rounds": rounds}
 
     # extra_info common to every benchmark ------------------------------------------------
     def common_info(self) -> dict:

@@ -133,6 +133,7 @@ def engine_rows(data: dict) -> list:
             "ideal": ei.get("ideal_speedup"),
             "segment_ms_per_sample": (1e3 * float(ei["segment_s_per_call"]) / spc
                                       if ei.get("segment_s_per_call") else None),
+            "segment_interleaved": ((ei.get("segment_times") or {}).get("interleaved_efficiency") or {}).get("median"),
             "compile_s": ei.get("compile_s"),
             "realised": ei.get("realised_fractions"),
             "target": ei.get("target_fractions"),
@@ -162,7 +163,9 @@ def engine_rows(data: dict) -> list:
         # own overhead, apart from the network's FLOP-versus-time mismatch.
         seg = r["segment_ms_per_sample"]
         r["segment_ideal"] = base / seg if base and seg else None
-        r["segment_efficiency"] = seg / r["ms_per_sample"] if seg and r["ms_per_sample"] > 0 else None
+        # Preferred: measured interleaved with the provider (robust to a drifting load).
+        r["segment_efficiency"] = r["segment_interleaved"] or (
+            seg / r["ms_per_sample"] if seg and r["ms_per_sample"] > 0 else None)
         cbase = compiled_base(r)
         r["speedup_vs_compiled"] = (cbase / r["ms_per_sample"]
                                     if cbase and _is_compiled(r["provider"]) and r["ms_per_sample"] > 0 else None)
@@ -223,7 +226,8 @@ def engine_tables(data: dict) -> str:
            "= the speedup if the provider cost only its stages and branches, each timed "
            "alone at the rows it sees (weighted by the exit profile; for compiled providers "
            "the faster of eager and compiled per segment); eff. vs seg. = that time / the "
-           "provider's time: the engine's own overhead, apart from the network's "
+           "provider's time, median over rounds that alternate the provider's calls and the "
+           "segments' (each round's ratio): the engine's own overhead, apart from the network's "
            "FLOP-versus-time mismatch. `vs backbone_compile` = compiled provider against "
            "the compiled backbone.", ""]
     for dev in devices:
@@ -263,7 +267,8 @@ def engine_tables(data: dict) -> str:
                 head = ["B"] + sp_provs + ["ideal", "exits timed"] + [f"eff. {pv}" for pv in eff_provs]
                 out += [f"Speedup over {BASELINE}, ideal speedup, efficiency:", "", _table(head, body), ""]
                 seg_provs = [pv for pv in eff_provs
-                             if any(cell.get((bsz, pv), {}).get("segment_ideal") for bsz in batches)]
+                             if any((cell.get((bsz, pv)) or {}).get(k) for bsz in batches
+                                    for k in ("segment_ideal", "segment_efficiency"))]
                 comp_provs = [pv for pv in provs if _is_compiled(pv)]
                 if seg_provs or comp_provs:
                     body = []

@@ -157,7 +157,12 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
     seg = None
     if exits:
         kind = "compiled" if kw.get("compile") else "eager"
-        seg = ctx.segment_times(model_name, batch, profile, realised, kind, timer=getattr(benchmark, "_timer", None))
+        timer = getattr(benchmark, "_timer", None)
+        seg = ctx.segment_times(model_name, batch, profile, realised, kind, timer=timer)
+        cycler.reset()
+        per_call = benchmark.stats.stats.median  # per iteration (one call of B samples)
+        seg["interleaved_efficiency"] = ctx.interleaved_segment_efficiency(
+            seg, tuple(seg["key"]), lambda: fn(cycler()), per_call, timer=timer)
     benchmark.extra_info.update(ctx.common_info())
     benchmark.extra_info.update({
         "suite": "engine",
