@@ -277,7 +277,8 @@ def engine_tables(data: dict) -> str:
                         for pv in seg_provs:
                             r = cell.get((bsz, pv)) or {}
                             row.append(f"{_fmt(r.get('segment_ideal'))}x" if r.get("segment_ideal") else "–")
-                            row.append(f"{100 * r['segment_efficiency']:.0f}%" if r.get("segment_efficiency") else "–")
+                            eff = r.get("segment_efficiency")
+                            row.append(f"{100 * eff:.0f}%" if eff else "–")
                         for pv in comp_provs:
                             r = cell.get((bsz, pv)) or {}
                             if pv != COMPILED_BASELINE:

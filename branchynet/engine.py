@@ -5,6 +5,10 @@ that branch's threshold; the final classifier takes every sample left. After eac
 the exit op writes the leaving samples' results to their original rows and compacts the
 survivors on the device; the engine reads back one number (the survivor count) and
 gathers the survivors' features, so deeper stages run only on unresolved samples.
+
+With ``compile=`` each stage runs compiled together with its branch and its exit op
+(one graph for a dynamic batch dimension), or, with ``buckets``, as one static graph per
+bucket size on rows padded up to it (CUDA graphs through ``mode="reduce-overhead"``).
 """
 
 from __future__ import annotations
