@@ -158,7 +158,9 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
     if exits:
         kind = "compiled" if kw.get("compile") else "eager"
         timer = getattr(benchmark, "_timer", None)
-        seg = ctx.segment_times(model_name, batch, profile, realised, kind, timer=timer)
+        # A copy: the segment times are shared (cached) between providers, the
+        # interleaved efficiency is this provider's own.
+        seg = dict(ctx.segment_times(model_name, batch, profile, realised, kind, timer=timer))
         cycler.reset()
         per_call = benchmark.stats.stats.median  # per iteration (one call of B samples)
         seg["interleaved_efficiency"] = ctx.interleaved_segment_efficiency(
