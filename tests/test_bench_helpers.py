@@ -294,3 +294,22 @@ def test_report_plots_and_cli(tmp_path):
     assert R.main([str(src), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.md").read_text().startswith("# branchynet benchmarks")
     assert (tmp_path / "out" / "speedup_b_lenet.png").exists()
+
+
+def test_engine_provider_kwargs_and_segment_rows(monkeypatch):
+    monkeypatch.setenv("BRANCHYNET_BENCH_COMPILE_CPU", "1")
+    monkeypatch.delenv("BRANCHYNET_BENCH_COMPILE_MODE", raising=False)
+    provs = P.engine_providers("cpu", 256)
+    best = provs[provs.index("naive") + 1]  # the first engine: the device's best backend
+    assert f"{best}_compile" in provs and f"{best}_buckets" in provs and "backbone_compile" in provs
+    assert P.engine_kwargs("engine_cpp") == {"backend": "cpp"}
+    assert P.engine_kwargs("engine_cpp_compile") == {"backend": "cpp", "compile": True}
+    assert P.engine_kwargs("engine_cpp_buckets") == {"backend": "cpp", "compile": True, "buckets": True}
+    assert P.engine_kwargs("engine_cuda_graphs") == {"backend": "cuda", "compile": "reduce-overhead"}
+    monkeypatch.setenv("BRANCHYNET_BENCH_COMPILE_MODE", "max-autotune")
+    assert P.engine_kwargs("engine_torch_compile") == {"backend": "torch", "compile": "max-autotune"}
+    # B-LeNet's paper profile: every row reaches exit 0, 5.7 % reach exit 1.
+    assert P.reach_fractions([0.943, 0.057]) == pytest.approx([1.0, 0.057])
+    assert P.segment_rows(256, [0.943, 0.057]) == [(256, 1.0), (15, 1.0)]
+    rows = P.segment_rows(1, [0.943, 0.057])  # one row in 5.7 % of the calls
+    assert rows[0] == (1, 1.0) and rows[1][0] == 1 and rows[1][1] == pytest.approx(0.057)
