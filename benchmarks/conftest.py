@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # `import profiles` from the suites, whatever pytest's import mode.
@@ -90,6 +92,16 @@ def software_info() -> dict:
     return info
 
 
+def pytest_report_header(config):
+    from branchynet.ops import backend_status
+
+    ext = backend_status()["extension"]
+    if ext != "loaded":
+        return [f"branchynet extension {ext}: the cpp/cuda providers are NOT in this run "
+                f"(build it: pip install --no-build-isolation -e .)"]
+    return ["branchynet extension loaded"]
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(software_info())
     machine_info.setdefault("platform", platform.platform())
@@ -110,6 +122,8 @@ class BenchContext:
         self.device_name = self.info.get("gpu") if self.cuda else (platform.processor() or platform.machine())
         self._models, self._pools, self._profiles, self._flops = {}, {}, {}, {}
         self._backbones, self._compiled, self._graphs = {}, {}, {}
+        self._segment_fns, self._segments = {}, {}
+        self.compile_s = None
 
     # device ------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -191,6 +205,105 @@ class BenchContext:
 
             self._graphs[key] = run
         return self._graphs[key]
+
+    # segment-time ideal -----------------------------------------------------------------
+    def _time_call(self, fn, timer, target_s: float = 0.15, rounds: int = 15) -> float:
+        """Median seconds per call of ``fn()`` over ``rounds`` rounds (after warm-up)."""
+        for _ in range(3):  # compile / allocator growth
+            fn()
+        self.sync()
+        t0 = timer()
+        fn()
+        self.sync()
+        one = max(timer() - t0, 1e-7)
+        per_round = max(1, min(1000, int(target_s / rounds / one)))
+        ts = []
+        for _ in range(rounds):
+            t0 = timer()
+            for _ in range(per_round):
+                fn()
+            self.sync()
+            ts.append((timer() - t0) / per_round)
+        return statistics.median(ts)
+
+    def segment_fn(self, name: str, n: int):
+        """Stage n and branch n compiled together (static batch, one graph per size)."""
+        key = (name, n)
+        if key not in self._segment_fns:
+            P.raise_dynamo_limits()
+            model = self.model(name)
+            mod = torch.nn.Sequential(model.stages[n], model.branches[n]).eval()
+            mode = os.environ.get("BRANCHYNET_BENCH_COMPILE_MODE") or None
+            self._segment_fns[key] = torch.compile(mod, dynamic=False, mode=mode)
+        return self._segment_fns[key]
+
+    def segment_times(self, name: str, batch: int, profile: str, fractions, kind: str, timer=None) -> dict:
+        """The segment-time ideal of a call of ``batch`` samples with exit ``fractions``:
+        each stage with its branch timed alone on the rows it sees (``P.segment_rows``),
+        summed. ``kind="compiled"`` takes, per segment, the faster of eager and compiled
+        (the compiled engine runs one row eagerly). Cached per arguments."""
+        fractions = [float(f) for f in fractions]
+        key = (name, batch, profile, kind, tuple(round(f, 9) for f in fractions))
+        if key in self._segments:
+            return self._segments[key]
+        timer = timer or time.perf_counter
+        model = self.model(name)
+        rows = P.segment_rows(batch, fractions)
+        per_exit = []
+        with torch.inference_mode():
+            h = self.pool(name)
+            for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
+                k, weight = rows[n]
+                # Up to 8 disjoint inputs in turn, as the providers get a new batch per
+                # call: one input timed over and over would sit in cache.
+                ins = [h[i * k:(i + 1) * k].contiguous() for i in range(max(1, min(8, h.shape[0] // k)))]
+                turn = [0]
+
+                def nxt(ins=ins, turn=turn):
+                    turn[0] = (turn[0] + 1) % len(ins)
+                    return ins[turn[0]]
+
+                fns = {"eager": lambda s=stage, b=branch, nxt=nxt: b(s(nxt()))}
+                if kind == "compiled":
+                    seg = self.segment_fn(name, n)
+                    fns["compiled"] = lambda f=seg, nxt=nxt: f(nxt())
+                times = {label: self._time_call(f, timer) for label, f in fns.items()}
+                best = min(times, key=times.get)
+                per_exit.append({"rows": k, "weight": weight, "s": times[best], "by": best, "times": times})
+                self._segment_fns[key + (n,)] = fns[best]
+                h = torch.cat([stage(h[i:i + 256]) for i in range(0, h.shape[0], 256)])
+        out = {"kind": kind, "exits": per_exit, "total": sum(e["s"] * e["weight"] for e in per_exit),
+               "key": list(key)}
+        self._segments[key] = out
+        return out
+
+    def interleaved_segment_efficiency(self, seg: dict, key: tuple, call, per_call_s: float, timer=None,
+                                       rounds: int = 31, round_s: float = 0.03) -> dict:
+        """Segment time / provider time, per round, with the provider's calls (``call``)
+        and the segments' alternating in one loop: a load that drifts between two
+        measurements does not enter it. Returns median and quartiles."""
+        timer = timer or time.perf_counter
+        fns = [(self._segment_fns[key + (n,)], e["weight"], max(1, int(round_s / 2 / max(e["s"], 1e-7))))
+               for n, e in enumerate(seg["exits"])]
+        n_call = max(1, int(round_s / 2 / max(per_call_s, 1e-7)))
+        ratios = []
+        with torch.inference_mode():
+            for _ in range(rounds):
+                t0 = timer()
+                for _ in range(n_call):
+                    call()
+                self.sync()
+                t_call = (timer() - t0) / n_call
+                t_seg = 0.0
+                for fn, weight, reps in fns:
+                    t0 = timer()
+                    for _ in range(reps):
+                        fn()
+                    self.sync()
+                    t_seg += weight * (timer() - t0) / reps
+                ratios.append(t_seg / t_call)
+        q = statistics.quantiles(ratios, n=4)
+        return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "rounds": rounds}
 
     # extra_info common to every benchmark ------------------------------------------------
     def common_info(self) -> dict:

@@ -48,7 +48,9 @@ __all__ = [
     "choose_rounds",
     "calibrate",
     "engine_providers",
-    "engine_takes_cuda_graphs",
+    "engine_kwargs",
+    "reach_fractions",
+    "segment_rows",
     "exit_op_providers",
     "raise_dynamo_limits",
     "check_exit_result",
@@ -421,8 +423,13 @@ def engine_providers(device: torch.device | str, batch: int) -> list:
     - ``engine_<backend>``: :class:`EarlyExitEngine` with each backend available on
       the device (``cuda``/``triton``/``torch`` on CUDA, ``cpp``/``torch`` on the CPU;
       Triton only on CUDA: on the CPU it is the interpreter).
-    - ``engine_<backend>_graphs``: the same with ``cuda_graphs=True``, on CUDA, when the
-      engine takes that keyword.
+    - ``engine_<best>_compile``: the engine with ``compile=True`` (or
+      BRANCHYNET_BENCH_COMPILE_MODE) and the device's best backend, where
+      ``backbone_compile`` runs.
+    - ``engine_<best>_buckets``: ``compile=True, buckets=True``: static graphs, one per
+      power-of-two bucket (the CPU's alternative to dynamic-shape code), where
+      ``backbone_compile`` runs, on the CPU.
+    - ``engine_<best>_graphs``: ``compile="reduce-overhead"`` (bucketed CUDA graphs), CUDA.
     """
     from branchynet.ops import available_backends
 
@@ -438,8 +445,40 @@ def engine_providers(device: torch.device | str, batch: int) -> list:
         out.append("per_sample")
     backends = [b for b in available_backends(dev) if cuda or b != "triton"]
     out += [f"engine_{b}" for b in backends]
-    if cuda and engine_takes_cuda_graphs():
-        out += [f"engine_{b}_graphs" for b in backends]
+    if cuda or compile_on_cpu():
+        out.append(f"engine_{backends[0]}_compile")
+    if cuda:
+        out.append(f"engine_{backends[0]}_graphs")
+    elif compile_on_cpu():
+        out.append(f"engine_{backends[0]}_buckets")
+    return out
+
+
+def engine_kwargs(provider: str) -> dict:
+    """EarlyExitEngine keyword arguments of an ``engine_*`` provider."""
+    rest = provider[len("engine_"):]
+    mode = os.environ.get("BRANCHYNET_BENCH_COMPILE_MODE") or True
+    for suffix, extra in (("_compile", {"compile": mode}), ("_buckets", {"compile": mode, "buckets": True}),
+                          ("_graphs", {"compile": "reduce-overhead"})):
+        if rest.endswith(suffix):
+            return {"backend": rest[: -len(suffix)], **extra}
+    return {"backend": rest}
+
+
+def reach_fractions(fractions: Sequence[float]) -> list:
+    """Share of the samples that reach each exit (run its stage and branch)."""
+    return [float(sum(fractions[n:])) for n in range(len(fractions))]
+
+
+def segment_rows(batch: int, fractions: Sequence[float]) -> list:
+    """``(rows, weight)`` per exit for the segment-time ideal: the rows stage n and its
+    branch see in a call of ``batch`` samples with this profile. Where fewer than one
+    row is expected (B = 1 and the deeper exits), the segment runs on one row in that
+    share of the calls: ``(1, expected rows)``; otherwise ``(round(expected), 1)``."""
+    out = []
+    for r in reach_fractions(fractions):
+        k = batch * r
+        out.append((1, k) if k < 1 else (max(1, int(round(k))), 1.0))
     return out
 
 
@@ -456,13 +495,6 @@ def raise_dynamo_limits() -> None:
                  "accumulated_cache_size_limit"):
         if hasattr(dc, name):
             setattr(dc, name, max(getattr(dc, name), 256))
-
-
-def engine_takes_cuda_graphs() -> bool:
-    """Whether :class:`EarlyExitEngine` accepts ``cuda_graphs=``."""
-    import inspect
-
-    return "cuda_graphs" in inspect.signature(EarlyExitEngine.__init__).parameters
 
 
 def exit_op_providers(device: torch.device | str) -> list:

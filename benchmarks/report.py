@@ -26,12 +26,14 @@ MODEL_ORDER = ("b_lenet", "b_alexnet", "b_resnet110")
 PROFILE_ORDER = ("paper", "all_exit", "none_exit")
 PROVIDER_ORDER = (
     "backbone_eager", "backbone_compile", "backbone_cudagraph", "naive", "per_sample",
-    "engine_cuda", "engine_cuda_graphs", "engine_triton", "engine_triton_graphs",
-    "engine_cpp", "engine_torch", "engine_torch_graphs",
+    "engine_cuda", "engine_cuda_compile", "engine_cuda_graphs", "engine_triton",
+    "engine_triton_compile", "engine_triton_graphs", "engine_cpp", "engine_cpp_compile",
+    "engine_cpp_buckets", "engine_torch", "engine_torch_compile", "engine_torch_graphs",
 )
 OP_PROVIDER_ORDER = ("op_eager", "op_compile", "op_triton", "op_cuda", "op_cpp", "copy")
 KERNEL_PROVIDERS = ("op_triton", "op_cuda", "op_cpp")
 BASELINE = "backbone_eager"
+COMPILED_BASELINE = "backbone_compile"
 
 
 def _order(names, order):
@@ -41,6 +43,10 @@ def _order(names, order):
 
 def _is_exit_provider(p: str) -> bool:
     return p in ("naive", "per_sample") or p.startswith("engine_")
+
+
+def _is_compiled(p: str) -> bool:
+    return p.endswith(("_compile", "_graphs", "_buckets"))
 
 
 def load(*paths) -> dict:
@@ -125,25 +131,44 @@ def engine_rows(data: dict) -> list:
             "ms_per_sample": 1e3 * med / spc,
             "iqr_pct": 100.0 * (q3 - q1) / med if med > 0 else float("nan"),
             "ideal": ei.get("ideal_speedup"),
+            "segment_ms_per_sample": (1e3 * float(ei["segment_s_per_call"]) / spc
+                                      if ei.get("segment_s_per_call") else None),
+            "segment_interleaved": ((ei.get("segment_times") or {}).get("interleaved_efficiency") or {}).get("median"),
+            "compile_s": ei.get("compile_s"),
             "realised": ei.get("realised_fractions"),
             "target": ei.get("target_fractions"),
             "pool": ei.get("pool_fractions"),
         })
     # Baseline: backbone_eager of the same group, else of the same model and batch (the
     # backbone does not depend on the profile).
-    base_group, base_any = {}, {}
+    def baselines(name):
+        group, any_ = {}, {}
+        for r in rows:
+            if r["provider"] == name:
+                group[(r["device"], r["model"], r["profile"], r["batch"])] = r["ms_per_sample"]
+                any_.setdefault((r["device"], r["model"], r["batch"]), r["ms_per_sample"])
+        return lambda r: group.get((r["device"], r["model"], r["profile"], r["batch"]),
+                                   any_.get((r["device"], r["model"], r["batch"])))
+
+    eager_base, compiled_base = baselines(BASELINE), baselines(COMPILED_BASELINE)
     for r in rows:
-        if r["provider"] == BASELINE:
-            base_group[(r["device"], r["model"], r["profile"], r["batch"])] = r["ms_per_sample"]
-            base_any.setdefault((r["device"], r["model"], r["batch"]), r["ms_per_sample"])
-    for r in rows:
-        base = base_group.get((r["device"], r["model"], r["profile"], r["batch"]),
-                              base_any.get((r["device"], r["model"], r["batch"])))
+        base = eager_base(r)
         r["speedup"] = base / r["ms_per_sample"] if base and r["ms_per_sample"] > 0 else None
         if _is_exit_provider(r["provider"]) and r["speedup"] is not None and r["ideal"]:
             r["efficiency"] = r["speedup"] / float(r["ideal"])
         else:
             r["efficiency"] = None
+        # The segment-time ideal: the same speedup if the engine cost nothing beyond its
+        # stages and branches at the rows they see; efficiency against it = the engine's
+        # own overhead, apart from the network's FLOP-versus-time mismatch.
+        seg = r["segment_ms_per_sample"]
+        r["segment_ideal"] = base / seg if base and seg else None
+        # Preferred: measured interleaved with the provider (robust to a drifting load).
+        r["segment_efficiency"] = r["segment_interleaved"] or (
+            seg / r["ms_per_sample"] if seg and r["ms_per_sample"] > 0 else None)
+        cbase = compiled_base(r)
+        r["speedup_vs_compiled"] = (cbase / r["ms_per_sample"]
+                                    if cbase and _is_compiled(r["provider"]) and r["ms_per_sample"] > 0 else None)
     return rows
 
 
@@ -197,7 +222,14 @@ def engine_tables(data: dict) -> str:
            "Time per sample = median time per call / B. Speedup = backbone_eager time per "
            "sample / provider time per sample, same model, batch size and run. Ideal = "
            "FLOPs of the backbone without exits / expected FLOPs per sample of the exit "
-           "profile the provider actually ran. Efficiency = speedup / ideal.", ""]
+           "profile the provider actually ran. Efficiency = speedup / ideal. Segment ideal "
+           "= the speedup if the provider cost only its stages and branches, each timed "
+           "alone at the rows it sees (weighted by the exit profile; for compiled providers "
+           "the faster of eager and compiled per segment); eff. vs seg. = that time / the "
+           "provider's time, median over rounds that alternate the provider's calls and the "
+           "segments' (each round's ratio): the engine's own overhead, apart from the network's "
+           "FLOP-versus-time mismatch. `vs backbone_compile` = compiled provider against "
+           "the compiled backbone.", ""]
     for dev in devices:
         keys = [k for k in by if k[0] == dev]
         models = _order({k[1] for k in keys}, MODEL_ORDER)
@@ -234,6 +266,35 @@ def engine_tables(data: dict) -> str:
                     body.append(row)
                 head = ["B"] + sp_provs + ["ideal", "exits timed"] + [f"eff. {pv}" for pv in eff_provs]
                 out += [f"Speedup over {BASELINE}, ideal speedup, efficiency:", "", _table(head, body), ""]
+                seg_provs = [pv for pv in eff_provs
+                             if any((cell.get((bsz, pv)) or {}).get(k) for bsz in batches
+                                    for k in ("segment_ideal", "segment_efficiency"))]
+                comp_provs = [pv for pv in provs if _is_compiled(pv)]
+                if seg_provs or comp_provs:
+                    body = []
+                    for bsz in batches:
+                        row = [str(bsz)]
+                        for pv in seg_provs:
+                            r = cell.get((bsz, pv)) or {}
+                            row.append(f"{_fmt(r.get('segment_ideal'))}x" if r.get("segment_ideal") else "–")
+                            eff = r.get("segment_efficiency")
+                            row.append(f"{100 * eff:.0f}%" if eff else "–")
+                        for pv in comp_provs:
+                            r = cell.get((bsz, pv)) or {}
+                            if pv != COMPILED_BASELINE:
+                                row.append(f"{_fmt(r.get('speedup_vs_compiled'))}x"
+                                           if r.get("speedup_vs_compiled") else "–")
+                            row.append(f"{r['compile_s']:.0f} s" if r.get("compile_s") is not None else "–")
+                        body.append(row)
+                    head = ["B"]
+                    for pv in seg_provs:
+                        head += [f"seg. ideal {pv}", f"eff. vs seg. {pv}"]
+                    for pv in comp_provs:
+                        head += ([f"{pv} vs {COMPILED_BASELINE}"] if pv != COMPILED_BASELINE else []) + [
+                            f"compile {pv}"]
+                    out += ["Segment-time ideal (speedup over the eager backbone), efficiency against it; "
+                            "compiled providers against the compiled backbone, compile time apart:", "",
+                            _table(head, body), ""]
     return "\n".join(out)
 
 
@@ -250,6 +311,59 @@ def _ideal_of(cell, bsz, provs):
     return None
 
 
+# --- fixed cost -------------------------------------------------------------------------
+
+FIXED_COST_TARGET = 1.10
+
+
+def fixed_cost_rows(data: dict) -> list:
+    """One dict per fixed-cost benchmark: model, provider, us (median), iqr_pct, by_hand_us
+    (the by_hand benchmark of the same model), ratio (us / by_hand_us), and for engines
+    the interleaved ratio (median, q1, q3) measured inside the benchmark."""
+    rows = []
+    for b in data.get("benchmarks", []):
+        ei = b.get("extra_info", {})
+        if ei.get("suite") != "fixed_cost":
+            continue
+        med, q1, q3 = _stats(b)
+        rows.append({"device": ei.get("device"), "model": ei["model"],
+                     "provider": ei.get("provider") or b["name"], "us": 1e6 * med,
+                     "iqr_pct": 100.0 * (q3 - q1) / med if med > 0 else float("nan"),
+                     "ratio_median": ei.get("ratio_median"), "ratio_q1": ei.get("ratio_q1"),
+                     "ratio_q3": ei.get("ratio_q3")})
+    hand = {(r["device"], r["model"]): r["us"] for r in rows if r["provider"] == "by_hand"}
+    for r in rows:
+        h = hand.get((r["device"], r["model"]))
+        r["by_hand_us"] = h
+        r["ratio"] = r["us"] / h if h and r["provider"] != "by_hand" else None
+    return rows
+
+
+def fixed_cost_table(data: dict) -> str:
+    rows = fixed_cost_rows(data)
+    if not rows:
+        return ""
+    out = ["## Engine fixed cost at B = 1", "",
+           "`engine(x)` at B = 1 with every sample leaving at the first branch, against the same "
+           "stage 1 + branch 1 by hand under `torch.inference_mode` (`by_hand`). Ratio = engine "
+           "median / by_hand median (two benchmarks); interleaved = median [quartiles] of the "
+           "per-round ratio with engine and by-hand calls alternating in one loop. "
+           f"Target: at most {FIXED_COST_TARGET:.2f}x.", ""]
+    body = []
+    for r in sorted(rows, key=lambda r: (str(r["device"]), r["model"], r["provider"] != "by_hand", r["provider"])):
+        inter = (f"{r['ratio_median']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}]"
+                 if r["ratio_median"] is not None else "–")
+        met = "–"
+        if r["ratio_median"] is not None:
+            met = "met" if r["ratio_median"] <= FIXED_COST_TARGET else (
+                f"missed by {100 * (r['ratio_median'] / FIXED_COST_TARGET - 1):.0f} %")
+        body.append([str(r["device"]), r["model"], r["provider"], f"{_fmt(r['us'])} ({r['iqr_pct']:.0f}%)",
+                     f"{r['ratio']:.3f}" if r["ratio"] else "–", inter, met])
+    out += [_table(["device", "model", "provider", "median µs per call (IQR)", "ratio", "interleaved ratio",
+                    "target"], body), ""]
+    return "\n".join(out)
+
+
 # --- exit-op suite ----------------------------------------------------------------------
 
 def exit_op_rows(data: dict) -> list:
@@ -260,7 +374,8 @@ def exit_op_rows(data: dict) -> list:
         ei = b.get("extra_info", {})
         if ei.get("suite") != "exit_op":
             continue
-        med, q1, q3 = _stats(b)
+        per = float(ei.get("calls_per_timed_call") or 1)  # a timed call = a round of ops
+        med, q1, q3 = (v / per for v in _stats(b))
         moved = float(ei.get("bytes_moved") or 0)
         rows.append({
             "device": ei.get("device"), "batch": int(ei["batch"]), "classes": int(ei["classes"]),
@@ -337,7 +452,7 @@ def render(data: dict, note: str | None = None) -> str:
     parts = ["# branchynet benchmarks", ""]
     if note:
         parts += [note.rstrip(), ""]
-    parts += [header(data), engine_tables(data), exit_op_table(data)]
+    parts += [header(data), fixed_cost_table(data), engine_tables(data), exit_op_table(data)]
     return "\n".join(p for p in parts if p is not None).rstrip() + "\n"
 
 

@@ -3,9 +3,16 @@
 Each benchmark is one provider in the group ``"{model}|B={b}|{profile}"``; its time is
 per call of B samples (``extra_info["samples_per_call"]``), synchronised with the GPU at
 the end of every call. See README.md in this folder for the providers and how to run.
+
+Before timing, every batch the timed rounds will serve is run once and checked: no
+batch is timed unchecked, and no survivor count meets its first compile (a Triton
+specialisation, a dynamo graph) inside a timed round. Exit providers also get their
+segment-time ideal (each stage and branch timed alone at the rows it sees).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -27,22 +34,23 @@ def _is_exit_provider(provider: str) -> bool:
 
 
 def _engine_kwargs(provider: str) -> dict:
-    rest = provider[len("engine_"):]
-    graphs = rest.endswith("_graphs")
-    backend = rest[: -len("_graphs")] if graphs else rest
-    kw = {"backend": backend}
-    if graphs:
-        kw["cuda_graphs"] = True
-    return kw
+    return P.engine_kwargs(provider)
 
 
 def build_provider(ctx, provider: str, name: str, batch: int, thresholds, example):
-    """``fn(x)`` for one provider; exit providers return an ExitResult."""
+    """``fn(x)`` for one provider; exit providers return an ExitResult. Compiled ones
+    are compiled here (``ctx.compile_s`` records how long, apart from the timing)."""
     model = ctx.model(name)
     if provider == "backbone_eager":
         return ctx.backbone(name)
     if provider == "backbone_compile":
-        return ctx.compiled_backbone(name)
+        fn = ctx.compiled_backbone(name)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fn(example)  # one graph per batch size (dynamic=False)
+        ctx.sync()
+        ctx.compile_s = time.perf_counter() - t0
+        return fn
     if provider == "backbone_cudagraph":
         return ctx.cudagraph_backbone(name, batch, example)
     if provider == "naive":
@@ -51,7 +59,16 @@ def build_provider(ctx, provider: str, name: str, batch: int, thresholds, exampl
         # the best exit op for the device, so per_sample vs engine_* isolates batching
         return EarlyExitEngine(model, thresholds=thresholds, criterion="entropy").per_sample
     if provider.startswith("engine_"):
-        return EarlyExitEngine(model, thresholds=thresholds, criterion="entropy", **_engine_kwargs(provider))
+        kw = _engine_kwargs(provider)
+        eng = EarlyExitEngine(model, thresholds=thresholds, criterion="entropy", **kw)
+        if kw.get("compile"):
+            P.raise_dynamo_limits()
+            t0 = time.perf_counter()
+            # Rows cut from the pool, as the timed batches are (views of one tensor).
+            eng.warmup([batch], x=ctx.pool(name))
+            ctx.sync()
+            ctx.compile_s = time.perf_counter() - t0
+        return eng
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -80,9 +97,9 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
     pt, order = ctx.profile(model_name, profile)
     thresholds = pt.thresholds
     cycler = P.BatchCycler(ctx.pool(model_name), batch, order=order)
+    ctx.compile_s = None
     fn = build_provider(ctx, provider, model_name, batch, thresholds, cycler())
-    cycler.reset()
-    _check(ctx, provider, fn, model_name, thresholds, cycler())
+    compile_s = ctx.compile_s
     cycler.reset()
 
     exits = _is_exit_provider(provider)
@@ -112,6 +129,11 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
     cycle = cycler.num_batches // iterations if cycler.num_batches % iterations == 0 else None
     rounds = P.choose_rounds(t_round, ctx.target_s, min_rounds=ctx.min_rounds,
                              max_rounds=ctx.max_rounds, cycle=cycle)
+    # Every batch the timed rounds serve (plus pedantic's one extra call), run and
+    # checked once now: warm-up above is capped in time, this is not.
+    cycler.reset()
+    for _ in range(min(cycler.num_batches, rounds * iterations + 1)):
+        _check(ctx, provider, fn, model_name, thresholds, cycler())
     cycler.reset()
     counts[:] = [0] * n_exits
 
@@ -132,6 +154,17 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
         ideal = fl.ideal_speedup(pt.realised)
         flops = fl.backbone
     kw = _engine_kwargs(provider) if provider.startswith("engine_") else {}
+    seg = None
+    if exits:
+        kind = "compiled" if kw.get("compile") else "eager"
+        timer = getattr(benchmark, "_timer", None)
+        # A copy: the segment times are shared (cached) between providers, the
+        # interleaved efficiency is this provider's own.
+        seg = dict(ctx.segment_times(model_name, batch, profile, realised, kind, timer=timer))
+        cycler.reset()
+        per_call = benchmark.stats.stats.median  # per iteration (one call of B samples)
+        seg["interleaved_efficiency"] = ctx.interleaved_segment_efficiency(
+            seg, tuple(seg["key"]), lambda: fn(cycler()), per_call, timer=timer)
     benchmark.extra_info.update(ctx.common_info())
     benchmark.extra_info.update({
         "suite": "engine",
@@ -140,7 +173,12 @@ def test_engine(benchmark, bench_ctx, model_name, batch, profile, provider):
         "profile": profile,
         "provider": provider,
         "backend": kw.get("backend"),
-        "cuda_graphs": bool(kw.get("cuda_graphs", provider == "backbone_cudagraph")),
+        "compile": kw.get("compile") if kw.get("compile") is not True else "default",
+        "compile_s": compile_s,
+        "buckets": bool(kw.get("buckets")) or kw.get("compile") == "reduce-overhead",
+        "cuda_graphs": provider == "backbone_cudagraph" or kw.get("compile") == "reduce-overhead",
+        "segment_s_per_call": seg["total"] if seg else None,
+        "segment_times": seg,
         "thresholds": list(thresholds),
         "target_fractions": pt.target,
         "pool_fractions": pt.realised,

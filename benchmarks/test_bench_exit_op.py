@@ -1,9 +1,12 @@
 """The exit op alone: B x C x provider, against a device copy of the bytes it must move.
 
 Group ``"exit_op|B={b}|C={c}"``. Half the rows leave (the threshold is the median
-entropy). Each round launches ``calls_per_round`` ops back to back and synchronises once
-at its end, as ``triton.testing.do_bench`` does, so the time per call is the op's
-steady-state cost (launch included) rather than a launch-plus-sync latency; the engine's
+entropy; at B = 1 the one row leaves in every other call). The rows map the K logits
+rows to a random permutation of the batch, so the leaving rows' writes scatter as they
+do after compaction. Each timed call of pytest-benchmark is one round of
+``calls_per_round`` ops back to back in a bare loop, with one synchronisation at its end
+(as ``triton.testing.do_bench``), so the time per op (median / ``calls_per_timed_call``)
+is its steady-state cost, launch included, without a Python harness per op; the engine's
 latency per exit is what the engine suite measures. The logits cycle through enough
 copies (row permutations: the same exit count every call) to overflow the GPU's L2, so
 no call reads them from cache; the output buffers are reused (the op writes only rows).
@@ -40,15 +43,21 @@ def _inputs(b: int, c: int, device: torch.device):
     if key not in _INPUTS:
         g = torch.Generator().manual_seed(1000 * b + c)
         # Per-row temperature: entropies spread from ~0 to ~log C, as trained exits give.
-        scale = 0.25 + 6.0 * torch.rand(b, 1, generator=g)
-        base = torch.randn(b, c, generator=g) * scale
-        n_exit = (b + 1) // 2
-        h = entropy(base).numpy()
-        t, got = P.split_threshold(np.sort(h), n_exit)
-        n_copies = max(1, min(MAX_COPIES, math.ceil(CYCLE_BYTES / max(1, base.numel() * 4))))
-        copies = [base] + [base[torch.randperm(b, generator=g)] for _ in range(n_copies - 1)]
+        m = max(b, 2)  # at B = 1: a confident row and an unsure one, in turn
+        scale = 0.25 + 6.0 * torch.rand(m, 1, generator=g)
+        pool = torch.randn(m, c, generator=g) * scale
+        h = entropy(pool).numpy()
+        t, got = P.split_threshold(np.sort(h), m // 2)
+        n_copies = max(2, min(MAX_COPIES, math.ceil(CYCLE_BYTES / max(1, pool.numel() * 4))))
+        if b == 1:
+            lo, hi = int(np.argmin(h)), int(np.argmax(h))
+            copies = [pool[[lo if i % 2 == 0 else hi]] for i in range(n_copies)]
+            n_exit = 0.5  # per call, on average
+        else:
+            copies = [pool] + [pool[torch.randperm(b, generator=g)] for _ in range(n_copies - 1)]
+            n_exit = got
         logits = [x.to(device).contiguous() for x in copies]
-        rows = torch.arange(b, dtype=torch.int64, device=device)
+        rows = torch.randperm(b, generator=g).to(device)
         _INPUTS.clear()  # one shape at a time: the 16384 x 1000 copies are 128 MB
         _INPUTS[key] = (logits, rows, t, got)
     return _INPUTS[key]
@@ -66,8 +75,9 @@ def _outputs(b: int, c: int, device, poison: bool = False):
 
 
 def _op_fn(provider: str):
-    """``f(logits, rows, threshold, out)`` for a provider (below the public op's argument
-    checks, for every provider alike: the kernels are timed, not Python validation)."""
+    """``f(logits, rows, threshold, criterion, exit_index, last, *out)`` for a provider
+    (below the public op's argument checks, for every provider alike: the kernels are
+    timed, not Python validation)."""
     if provider == "op_eager":
         f = ops_torch.exit_step_torch
     elif provider == "op_compile":
@@ -76,14 +86,12 @@ def _op_fn(provider: str):
     elif provider == "op_triton":
         from branchynet import ops
 
-        f = getattr(getattr(ops, "_TRITON", None), "exit_step_triton", None)
-        if f is None:
-            return lambda z, r, t, out: ops.exit_step(z, r, t, 0, *out, backend="triton")
+        f = ops.kernels("triton")[0]
     elif provider in ("op_cuda", "op_cpp"):  # one registered op, CUDA and CPU kernels
-        f = torch.ops.branchynet.exit_step
+        f = torch.ops.branchynet.exit_step.default
     else:
         raise ValueError(provider)
-    return lambda z, r, t, out: f(z, r, t, CRITERION, 0, False, *out)
+    return f
 
 
 def _check(fn, logits, rows, t, b, c, device):
@@ -91,11 +99,12 @@ def _check(fn, logits, rows, t, b, c, device):
     want_out = _outputs(b, c, device, poison=True)
     got_out = _outputs(b, c, device, poison=True)
     ws, wr, wc = ops_torch.exit_step_torch(logits, rows, t, CRITERION, 0, False, *want_out)
-    gs, gr, gc = fn(logits, rows, t, got_out)
+    gs, gr, gc = fn(logits, rows, t, CRITERION, 0, False, *got_out)
     k = int(wc.item())
     assert int(gc.item()) == k, f"survivor count {int(gc.item())} != {k}"
     torch.testing.assert_close(got_out[2], want_out[2])  # exit index (-7 where the row stays)
     left = want_out[2] == 0
+    assert int(left.sum()) == b - k
     torch.testing.assert_close(got_out[1][left], want_out[1][left])
     torch.testing.assert_close(got_out[0][left], want_out[0][left])
     torch.testing.assert_close(got_out[3][left], want_out[3][left], rtol=1e-5, atol=1e-6)
@@ -108,9 +117,12 @@ def test_exit_op(benchmark, bench_ctx, batch, classes, provider):
     ctx = bench_ctx
     dev = ctx.device
     logits, rows, t, n_exit = _inputs(batch, classes, dev)
-    nbytes = P.exit_op_bytes(batch, classes, n_exit, elem=4)
+    if n_exit == int(n_exit):
+        nbytes = P.exit_op_bytes(batch, classes, int(n_exit), elem=4)
+    else:  # B = 1, the row leaves in half the calls: the mean of both
+        a, b_ = P.exit_op_bytes(batch, classes, 0), P.exit_op_bytes(batch, classes, 1)
+        nbytes = {k: (a[k] + b_[k]) / 2 for k in a}
     n = len(logits)
-    state = {"i": 0, "k": 0}
 
     if provider == "copy":
         # Traffic of a copy of N bytes is 2N (read + write): copy half the op's bytes.
@@ -118,41 +130,37 @@ def test_exit_op(benchmark, bench_ctx, batch, classes, provider):
         srcs = [torch.empty(half, dtype=torch.uint8, device=dev).random_(0, 255) for _ in range(n)]
         dst = torch.empty(half, dtype=torch.uint8, device=dev)
         bytes_moved = 2 * half
-
-        def call():
-            dst.copy_(srcs[state["k"] % n])
+        fn, args = dst.copy_, [(src,) for src in srcs]
     else:
         fn = _op_fn(provider)
         with torch.inference_mode():
-            _check(fn, logits[0], rows, t, batch, classes, dev)
+            for z in logits[:2]:  # at B = 1 the leaving and the staying row
+                _check(fn, z, rows, t, batch, classes, dev)
         out = _outputs(batch, classes, dev)
         bytes_moved = nbytes["total"]
-
-        def call():
-            fn(logits[state["k"] % n], rows, t, out)
+        args = [(z, rows, t, CRITERION, 0, False, *out) for z in logits]
 
     m_box = [1]
+    sync = ctx.sync
 
-    def step():
+    def round_():
+        # A bare loop: per op, only the call itself runs in Python.
+        m = m_box[0]
         with torch.inference_mode():
-            call()
-        state["k"] += 1
-        state["i"] += 1
-        if state["i"] >= m_box[0]:  # one synchronisation per round
-            state["i"] = 0
-            ctx.sync()
+            for i in range(m):
+                fn(*args[i % n])
+        sync()
 
     # Latency of one synchronised call sets the calls per round.
-    t1 = P.calibrate(step, 1, warmup_s=0.1 * ctx.target_s, min_warmup=3, max_warmup=50)
-    m_box[0] = max(1, min(1000, int(ROUND_S / max(t1, 1e-7))))
-    state["i"] = 0
-    t_round = P.calibrate(step, m_box[0], warmup_s=0.0, min_warmup=m_box[0])
+    t1 = P.calibrate(round_, 1, warmup_s=0.1 * ctx.target_s, min_warmup=3, max_warmup=50)
+    m_box[0] = max(2, min(10000, int(ROUND_S / max(t1, 1e-7))))
+    m_box[0] += m_box[0] % 2  # even: at B = 1 the row leaves in exactly half the calls
+    t_round = P.calibrate(round_, 1, warmup_s=0.0, min_warmup=2)
     rounds = P.choose_rounds(t_round, ctx.target_s, min_rounds=ctx.min_rounds, max_rounds=ctx.max_rounds)
-    state["i"] = 0
 
     benchmark.group = f"exit_op|B={batch}|C={classes}"
     benchmark.name = provider
-    benchmark.pedantic(step, rounds=rounds, iterations=m_box[0], warmup_rounds=0)
+    benchmark.pedantic(round_, rounds=rounds, iterations=1, warmup_rounds=0)
     ctx.sync()
 
     benchmark.extra_info.update(ctx.common_info())
@@ -167,6 +175,7 @@ def test_exit_op(benchmark, bench_ctx, batch, classes, provider):
         "bytes": nbytes,
         "bytes_moved": bytes_moved,
         "calls_per_round": m_box[0],
+        "calls_per_timed_call": m_box[0],
         "rounds": rounds,
         "logit_copies": n,
         "samples_per_call": 1,

@@ -193,6 +193,19 @@ def run_demo(args) -> dict:
         res = engine(xt)
         acc_b = float((res.pred == yt).float().mean())
         acc_base = float((baseline(xt).argmax(1) == yt).float().mean())
+    compiled = None
+    if args.compile:
+        # Compiled twins of both rows (torch.compile, dynamic batch); compile time apart.
+        import time
+
+        t0 = time.perf_counter()
+        compiled = EarlyExitEngine(model, thresholds, backend=args.backend, compile=args.compile)
+        compiled.warmup([1, 256], x=xt)
+        baseline_c = torch.compile(baseline, dynamic=True, mode=None if args.compile is True else args.compile)
+        with torch.inference_mode():
+            for b in (1, 256):
+                baseline_c(xt[:b])
+        print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     fracs = res.exit_fractions
     ideal = profile_flops(model).ideal_speedup(fracs)
 
@@ -215,6 +228,19 @@ def run_demo(args) -> dict:
          ", ".join(f"{t:.4g}" for t in thresholds), ", ".join(f"{100 * f:.1f}" for f in fracs),
          f"{ideal:.2f}x"],
     ]
+    if compiled is not None:
+        # Same rows compiled; gains against the compiled backbone.
+        tc_base_1 = time_per_sample(baseline_c, x1, 1, repeats=args.repeats)
+        tc_b_1 = time_per_sample(compiled, x1, 1, repeats=args.repeats)
+        tc_base_256 = time_per_sample(baseline_c, xt, 256, repeats=args.repeats)
+        tc_b_256 = time_per_sample(compiled, xt, 256, repeats=args.repeats)
+        rows += [
+            [label + " (compiled)", f"{100 * acc_base:.2f}", _fmt_ms(tc_base_1.median), "-",
+             _fmt_ms(tc_base_256.median), "-", "-", "-", "-"],
+            ["B-" + label + " (compiled)", f"{100 * acc_b:.2f}", _fmt_ms(tc_b_1.median),
+             f"{tc_base_1.median / tc_b_1.median:.2f}x", _fmt_ms(tc_b_256.median),
+             f"{tc_base_256.median / tc_b_256.median:.2f}x", rows[1][6], rows[1][7], rows[1][8]],
+        ]
     head = ["network", "acc %", "ms/sample B=1", "gain B=1", "ms/sample B=256", "gain B=256",
             "T", "exit % per exit", "ideal gain (FLOPs)"]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -420,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=_positive_int, default=5)
     d.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     d.add_argument("--backend", default="auto", help="exit-op backend: auto, cuda, triton, cpp, torch")
+    d.add_argument("--compile", nargs="?", const=True, default=False,
+                   choices=[True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="also time the engine and the backbone through torch.compile (optionally a mode); "
+                        "adds two rows, compile time printed apart")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
