@@ -112,8 +112,9 @@ def _nvcc_release(nvcc: str) -> str | None:
 def _nvcc_root(nvcc: str) -> str | None:
     """The toolkit folder ``nvcc`` runs from (it may be a wrapper script elsewhere)."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True,
-                             timeout=60)
+        # A dry run prints nvcc's variables without running anything: _HERE_ is its bin/.
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "c++", os.devnull], capture_output=True,
+                             text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
