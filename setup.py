@@ -71,10 +71,11 @@ def _extension():
             raise SystemExit(f"branchynet setup: {bb.ENV_REQUIRE} is set but {why}")
         _note(f"{why}: building no extension (the exit op runs as PyTorch ops)")
         return [], {}
-    if attempts[0]["kind"] == "cuda":
-        bb.use_toolkit(attempts[0]["cuda_home"])  # before cpp_extension reads CUDA_HOME
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("BRANCHYNET_CUDA_ARCH", bb.DEFAULT_CUDA_ARCH))
     from torch.utils import cpp_extension
+
+    if attempts[0]["kind"] == "cuda":
+        bb.use_toolkit(attempts[0]["cuda_home"])  # the toolkit the plan checked, not torch's guess
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("BRANCHYNET_CUDA_ARCH", bb.DEFAULT_CUDA_ARCH))
 
     exts = []
     for a in attempts:
