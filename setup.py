@@ -43,7 +43,8 @@ def _load_build_module():
     import importlib.util
 
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_branchynet_build", os.path.join(here, "branchynet", "_build.py"))
+    path = os.path.join(here, "branchynet", "_build.py")
+    spec = importlib.util.spec_from_file_location("_branchynet_build", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -109,8 +110,8 @@ def _extension():
                 self.build_temp = os.path.join(build_temp, kind)
             try:
                 if first:
-                    _note(f"building branchynet._C with {'CUDA ' + torch.version.cuda + ' and CPU' if kind == 'cuda' else 'CPU'} "
-                          f"kernels ({reason})")
+                    what = f"CUDA {torch.version.cuda} and CPU" if kind == "cuda" else "CPU"
+                    _note(f"building branchynet._C with {what} kernels ({reason})")
                 super().build_extension(ext)
             except Exception as err:
                 self.errors.append(f"{type(err).__name__}: {err}")

@@ -264,8 +264,8 @@ def build_dir(attempt: dict, root: str) -> tuple:
     h = hashlib.sha256(source_hash(root).encode())
     key = [attempt["kind"], torch.__version__, sys.implementation.cache_tag, CXX_FLAGS]
     if attempt["kind"] == "cuda":
-        key += [NVCC_FLAGS, attempt["cuda_home"], _nvcc_release(os.path.join(attempt["cuda_home"], "bin", "nvcc")),
-                _cuda_arch_list()]
+        nvcc = os.path.join(attempt["cuda_home"], "bin", "nvcc")
+        key += [NVCC_FLAGS, attempt["cuda_home"], _nvcc_release(nvcc), _cuda_arch_list()]
     h.update(json.dumps(key).encode())
     digest = h.hexdigest()[:16]
     folder = os.path.join(cache_root(), f"torch-{torch.__version__}-{sys.implementation.cache_tag}",
@@ -372,7 +372,8 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
         t0 = time.perf_counter()
         try:
             mod = cpp_extension.load(
-                name, sources(root, cuda), extra_cflags=CXX_FLAGS + (["-DBRANCHYNET_WITH_CUDA"] if cuda else []),
+                name, sources(root, cuda),
+                extra_cflags=CXX_FLAGS + (["-DBRANCHYNET_WITH_CUDA"] if cuda else []),
                 extra_cuda_cflags=NVCC_FLAGS if cuda else None, build_directory=folder,
                 with_cuda=cuda, verbose=False)
         except BaseException as err:
