@@ -46,41 +46,25 @@ def _row_scores(z: list, cid: int):
     Python floats (sums in another order: the last bit of a float64 may differ, which
     rounding to float32 removes but for ties on a float32 boundary).
     """
-    # pred: argmax with NaN as +inf, first index on ties.
-    best, pred = z[0], 0
-    has_nan = best != best
-    if has_nan:
-        best = _INF
-    for j in range(1, len(z)):
-        v = z[j]
-        if v != v:
-            has_nan = True
-            v = _INF
-        if v > best:
-            best, pred = v, j
-    m = best
-    if has_nan or m == _INF or m == -_INF:
-        # NaN or +inf logit: the softmax sum is NaN; all -inf: (-inf) - (-inf) is NaN.
-        nan = math.nan
-        return nan, nan, pred
-    s = 0.0
-    ed = 0.0
-    e_list = []
-    for v in z:
-        d = v - m
-        e = math.exp(d)
-        s += e
-        if e != 0.0:  # 0 * -inf is 0 here, as nan_to_num makes it in the reference
-            ed += e * d
-        e_list.append(e)
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    s = sum(e)
+    if s != s:
+        # A NaN or +inf logit (or every logit -inf) makes the softmax sum NaN, whatever
+        # max() made of the NaN; pred treats NaN as +inf, first index on ties.
+        w = [_INF if v != v else v for v in z]
+        return math.nan, math.nan, w.index(max(w))
+    # 0 * -inf is 0 here (skipped), as nan_to_num makes it in the reference.
+    ed = sum([a * (v - m) for a, v in zip(e, z) if a])
     h = math.log(s) - ed / s
     if h < 0.0:
         h = 0.0
+    pred = z.index(m)  # no NaN here: the first maximal logit
     if cid == 0:
         return h, h, pred
     if cid == 1:
-        return 1.0 - max(e_list) / s, h, pred
-    top = sorted(e_list, reverse=True)
+        return 1.0 - max(e) / s, h, pred
+    top = sorted(e, reverse=True)
     second = top[1] / s if len(top) > 1 else 0.0
     return 1.0 - (top[0] / s - second), h, pred
 
