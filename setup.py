@@ -1,7 +1,10 @@
-"""Build script. The package is pure Python; the CUDA extension ``branchynet._C`` is
-built only where a CUDA torch and a CUDA toolkit are present (see csrc/)."""
+"""Build script. The package is Python plus the extension ``branchynet._C`` (csrc/): built
+here when torch is importable at build time (CUDA + CPU kernels, or CPU kernels only),
+otherwise on first use from the sources shipped in the package (branchynet/_build.py)."""
 
+import json
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -15,79 +18,128 @@ DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
 
 # --- the compiled extension branchynet._C ------------------------------------------------
 #
-# CUDA build: torch importable, torch.version.cuda set and a CUDA toolkit found
-#   (CUDA_HOME): csrc/exit_step.cpp + csrc/cuda/exit_step.cu, archs from
-#   BRANCHYNET_CUDA_ARCH (default "8.0;9.0") unless TORCH_CUDA_ARCH_LIST is set.
-# CPU build: torch importable, no CUDA: csrc/exit_step.cpp only. It registers the ops with
-#   CPU kernels so schema, fakes and opcheck are tested without a GPU. Optional: a compile
-#   failure is a warning, the package works without it.
+# The plan lives in branchynet/_build.py, shared with the just-in-time build:
+# CUDA build: a CUDA torch, a C++ compiler and a CUDA toolkit with nvcc of torch's CUDA
+#   major version and a libcudart the linker can find: csrc/exit_step.cpp +
+#   csrc/cuda/exit_step.cu, archs from BRANCHYNET_CUDA_ARCH (default "8.0;9.0") unless
+#   TORCH_CUDA_ARCH_LIST is set. If it still fails to compile or link, the CPU build is
+#   made in the same install.
+# CPU build: torch and a C++ compiler: csrc/exit_step.cpp only. It registers the ops with
+#   CPU kernels (the `cpp` backend), so schema, fakes and opcheck are tested without a GPU.
 # No build: BRANCHYNET_SKIP_EXT=1, or no torch at build time (pip's isolated build
-#   environment has none: `pip install --no-build-isolation .` builds the extension).
+#   environment has none): the sources ship in the package (branchynet/csrc) and
+#   branchynet builds them on first use against the torch installed then.
+# BRANCHYNET_REQUIRE_EXT=1 (CI): a failed build, or a fallback, fails the install.
 
 
 def _note(msg):
+    # Shown by `pip install -v` (pip hides a build's output otherwise); `branchynet info`
+    # shows the same choice from the record written beside the module.
     print(f"branchynet setup: {msg}", file=sys.stderr)
 
 
-def _toolkit_version(cuda_home):
-    """'13.0' from `nvcc --version`, or None if it cannot be read."""
-    import re
-    import subprocess
+def _load_build_module():
+    """branchynet/_build.py by path: the package itself imports torch."""
+    import importlib.util
 
-    try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+\.\d+)", out)
-    return m.group(1) if m else None
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "branchynet", "_build.py")
+    spec = importlib.util.spec_from_file_location("_branchynet_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _extension():
     """(ext_modules, cmdclass) for this machine; never raises for a missing torch or CUDA."""
-    if os.environ.get("BRANCHYNET_SKIP_EXT", "0") not in ("", "0"):
-        _note("BRANCHYNET_SKIP_EXT is set: building no extension (the PyTorch backend is used)")
+    bb = _load_build_module()
+    if bb.env_flag(bb.ENV_SKIP):
+        _note(f"{bb.ENV_SKIP} is set: building no extension (branchynet builds it on first use, "
+              "or run `branchynet build`)")
         return [], {}
     try:
-        import torch
-        from torch.utils import cpp_extension
+        import torch  # noqa: F401
     except Exception as err:  # ImportError, or a broken torch install
         _note(f"torch is not importable at build time ({type(err).__name__}: {err}): building no "
-              "extension. To build branchynet._C against your torch, run "
-              "`pip install --no-build-isolation .`")
+              "extension now; branchynet builds it against your torch on first use "
+              "(`branchynet build` does it ahead of time; `pip install --no-build-isolation .` "
+              "builds it during the install)")
         return [], {}
+    require = bb.env_flag(bb.ENV_REQUIRE)
+    attempts, why = bb.plan(jit=False)
+    if not attempts:
+        if require:
+            raise SystemExit(f"branchynet setup: {bb.ENV_REQUIRE} is set but {why}")
+        _note(f"{why}: building no extension (the exit op runs as PyTorch ops)")
+        return [], {}
+    from torch.utils import cpp_extension
 
-    sources = ["csrc/exit_step.cpp"]
-    cxx = ["-O3"]
-    macros = []
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    toolkit = _toolkit_version(cpp_extension.CUDA_HOME) if with_cuda else None
-    if with_cuda and toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
-        # torch refuses to build across CUDA major versions (a RuntimeError that would
-        # fail `pip install`): build the CPU kernels instead and say why.
-        _note(f"the CUDA toolkit at {cpp_extension.CUDA_HOME} is {toolkit} but torch was built "
-              f"with CUDA {torch.version.cuda}: building the CPU kernels only")
-        with_cuda = False
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("BRANCHYNET_CUDA_ARCH", "8.0;9.0"))
-        sources.append("csrc/cuda/exit_step.cu")
-        macros.append(("BRANCHYNET_WITH_CUDA", None))
-        # No --use_fast_math: exp/log must stay accurate near the thresholds, and -ftz
-        # would flush the tiny probabilities the entropy sums.
-        ext = cpp_extension.CUDAExtension(
-            "branchynet._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            optional=True)  # a failed compile is a warning: the package works without it
-        _note(f"building branchynet._C with CUDA {torch.version.cuda} for "
-              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    else:
-        why = "torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
-        ext = cpp_extension.CppExtension(
-            "branchynet._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx}, optional=True)
-        _note(f"{why}: building branchynet._C with CPU kernels only")
-    build = cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())
-    return [ext], {"build_ext": build}
+    if attempts[0]["kind"] == "cuda":
+        bb.use_toolkit(attempts[0]["cuda_home"])  # the toolkit the plan checked, not torch's guess
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("BRANCHYNET_CUDA_ARCH", bb.DEFAULT_CUDA_ARCH))
+
+    exts = []
+    for a in attempts:
+        if a["kind"] == "cuda":
+            ext = cpp_extension.CUDAExtension(
+                "branchynet._C", bb.sources("csrc", cuda=True), define_macros=[("BRANCHYNET_WITH_CUDA", None)],
+                extra_compile_args={"cxx": list(bb.CXX_FLAGS), "nvcc": list(bb.NVCC_FLAGS)})
+        else:
+            ext = cpp_extension.CppExtension(
+                "branchynet._C", bb.sources("csrc", cuda=False), extra_compile_args={"cxx": list(bb.CXX_FLAGS)})
+        ext.branchynet_kind = a["kind"]
+        # BuildExt handles every failure itself; optional only spares the --inplace copy
+        # a missing file. Under BRANCHYNET_REQUIRE_EXT, setuptools must not swallow one.
+        ext.optional = not require
+        exts.append(ext)
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """Builds the first planned extension that compiles and links: CUDA, else CPU."""
+
+        built = None
+        errors = []
+
+        def build_extension(self, ext):
+            kind = ext.branchynet_kind
+            if self.built is not None:
+                return  # the CUDA build made it: no CPU-only fallback
+            first = ext is exts[0]
+            reason = why if first else f"the CUDA build failed: {self.errors[-1]}"
+            build_temp = self.build_temp
+            if not first:  # own objects: exit_step.cpp was compiled with CUDA macros above
+                self.build_temp = os.path.join(build_temp, kind)
+            try:
+                if first:
+                    what = f"CUDA {torch.version.cuda} and CPU" if kind == "cuda" else "CPU"
+                    _note(f"building branchynet._C with {what} kernels ({reason})")
+                super().build_extension(ext)
+            except Exception as err:
+                self.errors.append(f"{type(err).__name__}: {err}")
+                if require:
+                    raise
+                last = ext is exts[-1]
+                _note(f"the {kind} build failed ({self.errors[-1]}); "
+                      + ("building the CPU kernels" if not last else
+                         "no extension: branchynet retries on first use, or run `branchynet build`"))
+                return
+            finally:
+                self.build_temp = build_temp
+            self.built = kind
+            if not first:
+                _note(f"built branchynet._C with CPU kernels ({reason})")
+            out = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), bb.RECORD)
+            with open(out, "w") as fh:
+                json.dump(bb.record(kind, "ahead of time", reason), fh)
+
+        def copy_extensions_to_source(self):
+            # --inplace / editable: the record goes beside the module it describes.
+            super().copy_extensions_to_source()
+            built = os.path.join(self.build_lib, "branchynet", bb.RECORD)
+            if os.path.exists(built):
+                dest = self.get_finalized_command("build_py").get_package_dir("branchynet")
+                shutil.copyfile(built, os.path.join(dest, bb.RECORD))
+
+    return exts, {"build_ext": BuildExt.with_options(use_ninja=cpp_extension.is_ninja_available())}
 
 
 EXT_MODULES, CMDCLASS = _extension()
@@ -100,10 +152,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # kernels/ (the Triton sources) sits at the top level of the repository and installs as
-    # branchynet.kernels; no top-level `kernels` package is installed.
-    packages=find_packages(include=["branchynet", "branchynet.*"]) + ["branchynet.kernels"],
-    package_dir={"branchynet.kernels": "kernels"},
-    install_requires=["torch>=2.1", "numpy>=1.21"],
+    # branchynet.kernels; no top-level `kernels` package is installed. csrc/ ships as
+    # branchynet/csrc (data only) for the just-in-time build.
+    packages=find_packages(include=["branchynet", "branchynet.*"])
+    + ["branchynet.kernels", "branchynet.csrc", "branchynet.csrc.cuda"],
+    package_dir={"branchynet.kernels": "kernels", "branchynet.csrc": "csrc"},
+    package_data={"branchynet.csrc": ["*.cpp", "*.h"], "branchynet.csrc.cuda": ["*.cu", "*.cuh"]},
+    # ninja: torch.utils.cpp_extension.load needs it for the just-in-time build.
+    install_requires=["torch>=2.1", "numpy>=1.21", "ninja"],
     extras_require={
         "demo": DEMO,
         "triton": TRITON,

@@ -1,4 +1,4 @@
-"""The ``branchynet`` command: demo, train, calibrate, bench, info."""
+"""The ``branchynet`` command: demo, train, calibrate, bench, build, info."""
 
 from __future__ import annotations
 
@@ -386,8 +386,21 @@ def run_bench(args) -> None:
                     rows))
 
 
+def run_build(args) -> None:
+    """Build the extension now instead of on first use (a no-op when it is there)."""
+    from . import _build, ops
+
+    if ops._EXT is not None:
+        print(f"branchynet._C is there: {_build.describe(_build.build_record())}")
+        return
+    mod, rec = _build.build(force=args.force)
+    print(f"{'built' if mod is not None else 'no extension'}: {_build.describe(rec)}")
+    if mod is None:
+        raise SystemExit(1)
+
+
 def run_info(args) -> None:
-    from . import __version__
+    from . import __version__, _build
     from .ops import backend_status
 
     info = {
@@ -406,6 +419,7 @@ def run_info(args) -> None:
     except Exception:
         info["triton"] = None
     info.update(backend_status())
+    info["extension_build"] = _build.describe(_build.build_record())
     w = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k.ljust(w)}  {v}")
@@ -505,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--per-sample-b1", action="store_true", help="at B=1 time the per-sample mode")
     b.add_argument("--repeats", type=_positive_int, default=5)
     b.set_defaults(func=run_bench)
+
+    bu = sub.add_parser("build", help="build the compiled exit-op kernels now (otherwise: on first use)")
+    bu.add_argument("--force", action="store_true", help="retry a build that failed before")
+    bu.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="versions, devices and exit-op backends")
     i.set_defaults(func=run_info)

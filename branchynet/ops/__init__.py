@@ -27,9 +27,11 @@ import os
 
 import torch
 
+from .. import _build
 from ..config import criterion_id
 from ..exits import _check_logits
 from . import _verify
+from ._fake import register as _register_fakes
 from ._torch import exit_step_torch, gather_rows_torch
 
 __all__ = [
@@ -48,16 +50,29 @@ BACKENDS = ("cuda", "triton", "cpp", "torch")
 
 # --- optional backends -----------------------------------------------------------------
 
-_EXT = None
-_EXT_ERROR: str | None = None
-try:  # the compiled extension registers torch.ops.branchynet.* on import
-    from .. import _C as _EXT  # type: ignore[attr-defined, no-redef]
-    from ._fake import register as _register_fakes
+# The compiled extension registers torch.ops.branchynet.* on import: the ahead-of-time
+# branchynet._C, or a cached just-in-time build. A missing one is built on first use
+# (_ensure_ext), not at import: `branchynet build` and BRANCHYNET_JIT=0 must come first.
+_EXT, _EXT_ERROR = _build.load_extension(build_if_missing=False)
+_EXT_TRIED = False
 
-    _register_fakes()  # shapes for torch.compile / FakeTensor tracing of the compiled ops
-except Exception as err:  # ImportError, or an ABI mismatch with this torch
-    _EXT_ERROR = f"{type(err).__name__}: {err}"
-    log.debug("branchynet._C not available (%s); the cuda and cpp backends are off", _EXT_ERROR)
+
+def _ensure_ext() -> None:
+    """Build the extension just in time if it is missing; once per process."""
+    global _EXT, _EXT_ERROR, _EXT_TRIED
+    if _EXT_TRIED:
+        return
+    _EXT_TRIED = True
+    if _EXT is None:
+        _EXT, _EXT_ERROR = _build.load_extension(build_if_missing=True)
+    if _EXT is not None:
+        _register_fakes()  # shapes for torch.compile / FakeTensor tracing of the compiled ops
+    else:
+        log.debug("branchynet._C not available (%s); the cuda and cpp backends are off", _EXT_ERROR)
+
+
+if _EXT is not None:
+    _ensure_ext()
 
 _TRITON = None
 _TRITON_ERROR: str | None = None
@@ -78,6 +93,7 @@ def _ext_has_cuda() -> bool:
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run the exit op on ``device``, fastest first."""
+    _ensure_ext()
     dev = torch.device(device)
     out = []
     if dev.type == "cuda" and _ext_has_cuda():
@@ -122,6 +138,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def backend_status() -> dict:
     """What is built and importable, for ``branchynet info``."""
+    _ensure_ext()
     return {
         "extension": "loaded" if _EXT is not None else f"not available ({_EXT_ERROR})",
         "extension_cuda": _ext_has_cuda(),
