@@ -469,6 +469,15 @@ def _install_as_C(mod) -> None:
         setattr(pkg, "_C", mod)
 
 
+def _aot_record(folder: str):
+    """The record written beside an ahead-of-time ``_C`` (which build, for which torch), or None."""
+    path = os.path.join(folder, RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def load_extension(build_if_missing: bool):
     """The extension module for this process, or None: the ahead-of-time ``_C``, else a
     cached just-in-time build, else (``build_if_missing``, once per process, unless
@@ -486,12 +495,15 @@ def load_extension(build_if_missing: bool):
         # elsewhere on the path) may be built from other sources.
         if spec is None or not spec.origin or os.path.dirname(os.path.abspath(spec.origin)) != _HERE:
             raise ModuleNotFoundError(f"No module named {MODULE!r}", name=MODULE)
+        rec = _aot_record(os.path.dirname(os.path.abspath(spec.origin)))
+        import torch
+
+        if rec and rec.get("torch") not in (None, torch.__version__):
+            # The C++ ABI changes between torch releases: importing a _C built for another
+            # torch can crash the process rather than raise, so it is not even tried.
+            raise ImportError(f"branchynet._C was built for torch {rec['torch']}, this is torch "
+                              f"{torch.__version__}")
         mod = importlib.import_module(MODULE)
-        rec = None
-        path = os.path.join(os.path.dirname(mod.__file__), RECORD)
-        if os.path.exists(path):
-            with open(path) as fh:
-                rec = json.load(fh)
         _STATE["record"] = rec or record("cuda" if mod.has_cuda() else "cpu", "ahead of time", "")
         return mod, None
     except ModuleNotFoundError as err:

@@ -330,3 +330,32 @@ def test_info_and_build_commands(capsys):
     if ops._EXT is not None:
         assert main(["build"]) == 0
         assert "branchynet._C is there" in capsys.readouterr().out
+
+
+def test_an_extension_built_for_another_torch_is_not_imported(tmp_path):
+    # A copy of the checkout whose _C record names another torch: the module is not
+    # imported (its ABI may crash the process), the reason is given, and with no cached
+    # build and the just-in-time build off, the torch path takes over.
+    root = Path(branchynet.__file__).parent.parent
+    if not list((root / "branchynet").glob("_C*.so")):
+        pytest.skip("no ahead-of-time extension in this checkout")
+    copy = tmp_path / "checkout"
+    for name in ("branchynet", "kernels", "csrc"):
+        shutil.copytree(root / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    rec = copy / "branchynet" / _build.RECORD
+    rec.write_text(json.dumps({**(json.loads(rec.read_text()) if rec.exists() else {}), "torch": "0.0.1"}))
+    code = """
+import json, sys
+import branchynet.ops as o
+print(json.dumps({"status": o.backend_status(), "imported": "branchynet._C" in sys.modules,
+                  "file": o.__file__}))
+"""
+    env = {**os.environ, "BRANCHYNET_CACHE": str(tmp_path / "cache"), "BRANCHYNET_JIT": "0"}
+    env.pop("BRANCHYNET_REQUIRE_EXT", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=copy,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["file"].startswith(str(copy)), out["file"]
+    assert out["imported"] is False and out["status"]["auto_cpu"] == "torch"
+    assert "built for torch 0.0.1" in out["status"]["extension"], out["status"]
