@@ -118,3 +118,22 @@ def test_eager_engine_calls_the_direct_entry(monkeypatch):
     assert torch.equal(got.pred, want.pred) and torch.equal(got.exit, want.exit)
     torch.testing.assert_close(got.logits, want.logits)
     torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_large_batch_releases_the_interpreter_and_still_raises():
+    # Above 65536 logits the entry runs the kernel without the GIL: same answers, and
+    # an error raised there still reaches Python as the op's error.
+    g = torch.Generator().manual_seed(5)
+    k, c = 7000, 10
+    logits = torch.randn(k, c, generator=g) * 3
+    rows = torch.randperm(k, generator=g)
+    t = _median_score(logits, 0)
+    bufs = _buffers(k, c, torch.float32)
+    ref = torch.ops.branchynet.exit_step(logits, rows, t, 0, 1, False, *bufs)
+    survivors, survivor_rows, n, *out = _C.exit_step_direct(logits, torch.arange(k), t, 0, 1, False)
+    assert 0 < n < k and n == int(ref[2])
+    assert torch.equal(survivors, ref[0])
+    bad = rows.clone()
+    bad[-1] = k
+    with pytest.raises(RuntimeError, match=rf"rows\[{k - 1}\] = {k} is out of range"):
+        _C.exit_step_direct(logits, bad, t, 0, 1, False)
