@@ -267,7 +267,7 @@ class EarlyExitEngine:
         # The C++ kernel called without the dispatcher, allocating the outputs itself at the
         # first exit and returning the count as an int (~8 us less per call at B = 1); a
         # trace of the engine (torch.compile of a caller) sees the registered op instead.
-        direct = _direct_step() if backend == "cpp" and not torch.compiler.is_compiling() else None
+        direct = _direct_step() if backend == "cpp" and not _is_compiling() else None
         # The ModuleLists' own iteration, without two nn.Module.__getattr__ and
         # ModuleList.__iter__ calls (~1 us at B = 1).
         mods = self.model._modules
@@ -593,6 +593,9 @@ class EarlyExitEngine:
 # torch.inference_mode's own C++ guard: the Python class costs ~1 us more per call
 # (a decorator-capable object built and entered each time).
 _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
+# torch.compiler.is_compiling is torch >= 2.3; before it nothing traces the eager engine's
+# loop with the direct entry in it that we could detect, so False.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 def _alloc_outputs(b: int, z: torch.Tensor):
