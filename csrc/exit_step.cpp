@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -38,6 +39,13 @@
 
 namespace branchynet {
 namespace {
+
+// A CPU tensor straight from the CPU allocator, without a trip through the dispatcher
+// (at::empty's): ~0.15 us each, six per exit at B = 1. Inference-mode state is read by
+// the TensorImpl itself, as for at::empty.
+inline at::Tensor empty_cpu(at::IntArrayRef size, at::ScalarType dtype) {
+  return at::Tensor(at::detail::empty_cpu(size, dtype));
+}
 
 template <typename T>
 inline T nan_max(T a, T b) {
@@ -62,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
   for (int64_t i = 0; i < K; ++i) {
     TORCH_CHECK(rp[i] >= 0 && rp[i] < B, "exit_step: rows[", i, "] = ", rp[i], " is out of range for B = ", B);
   }
-  at::Tensor survivors = at::empty({K}, r.options());
-  at::Tensor survivor_rows = at::empty({K}, r.options());
+  at::Tensor survivors = empty_cpu({K}, at::kLong);
+  at::Tensor survivor_rows = empty_cpu({K}, at::kLong);
   std::vector<uint8_t> leave(static_cast<size_t>(K), 0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "branchynet_exit_step_cpu", [&] {
@@ -246,10 +254,11 @@ PyObject* exit_step_direct(PyObject* /*self*/, PyObject* args) {
   if (alloc) {
     TORCH_CHECK(logits.dim() == 2, "exit_step: logits must be [K, C], got rank ", logits.dim());
     const int64_t K = logits.size(0);
-    out_logits = at::empty({K, logits.size(1)}, logits.options());
-    out_pred = at::empty({K}, logits.options().dtype(at::kLong));
-    out_exit = at::empty({K}, logits.options().dtype(at::kLong));
-    out_entropy = at::empty({K}, logits.options().dtype(at::kFloat));
+    TORCH_CHECK(logits.device().is_cpu(), "branchynet::exit_step (CPU): logits must be on the CPU");
+    out_logits = branchynet::empty_cpu({K, logits.size(1)}, logits.scalar_type());
+    out_pred = branchynet::empty_cpu({K}, at::kLong);
+    out_exit = branchynet::empty_cpu({K}, at::kLong);
+    out_entropy = branchynet::empty_cpu({K}, at::kFloat);
   } else {
     out_logits = THPVariable_Unpack(ol_o);
     out_pred = THPVariable_Unpack(op_o);

@@ -118,6 +118,8 @@ def test_eager_engine_calls_the_direct_entry(monkeypatch):
     assert torch.equal(got.pred, want.pred) and torch.equal(got.exit, want.exit)
     torch.testing.assert_close(got.logits, want.logits)
     torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+    # Buffers made in C++ follow inference mode as torch.empty's do.
+    assert [t.is_inference() for t in (got.logits, got.pred, got.exit, got.entropy)] == [True] * 4
 
 
 def test_direct_large_batch_releases_the_interpreter_and_still_raises():
