@@ -701,11 +701,11 @@ def _ext_exit_op():
 def _direct_step():
     """The extension's ``exit_step_direct`` (csrc/exit_step.cpp), or None (an older build)."""
     global _DIRECT
-    if _DIRECT is False:
+    if _DIRECT is None:  # looked up until found: the extension may be built on first use
         from . import ops
 
         _DIRECT = getattr(getattr(ops, "_EXT", None), "exit_step_direct", None)
     return _DIRECT
 
 
-_DIRECT = False  # not looked up yet
+_DIRECT = None
