@@ -11,16 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from branchynet import EarlyExitEngine, engine as engine_mod
+from branchynet import EarlyExitEngine, engine as engine_mod, ops
 from branchynet.config import CRITERIA
 from branchynet.exits import exit_scores
 from branchynet.models.registry import build_model
 from branchynet.ops._torch import exit_step_torch
 
-try:
-    from branchynet import _C
-except Exception:  # not built
-    _C = None
+# The module the engine uses: branchynet._C, or a just-in-time build where that is missing
+# (asking for the backends is what loads it).
+_C = ops._EXT if "cpp" in ops.available_backends("cpu") else None
 
 pytestmark = pytest.mark.skipif(
     _C is None or not hasattr(_C, "exit_step_direct"),
