@@ -29,9 +29,14 @@ def _impl(logits: torch.Tensor, rows: torch.Tensor, threshold: float, criterion:
     from . import kernels
 
     step = kernels(backend)[0]
-    # Both return fresh tensors: a custom op's outputs may not alias its inputs.
-    return tuple(step(logits, rows, threshold, criterion, exit_index, last,
-                      out_logits, out_pred, out_exit, out_entropy))
+    out = step(logits, rows, threshold, criterion, exit_index, last, out_logits, out_pred, out_exit,
+               out_entropy)
+    # A custom op's outputs may not alias its inputs or each other; the torch path's
+    # few-row form returns three views of one int64 buffer (one allocation instead of
+    # three at B = 1), so those are copied here: K elements each, on the compiled path only.
+    if out[0].untyped_storage().data_ptr() == out[1].untyped_storage().data_ptr():
+        return tuple(t.clone() for t in out)
+    return tuple(out)
 
 
 def _fake(logits, rows, threshold, criterion, exit_index, last, backend,
