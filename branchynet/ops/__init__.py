@@ -9,7 +9,7 @@ backend       where it runs                           what it is
 ``triton``    CUDA (CPU only under TRITON_INTERPRET)  fused Triton kernel
 ``cuda``      CUDA, from the compiled ``branchynet._C`` fused CUDA C++ kernel
 ``cpp``       CPU, from the compiled ``branchynet._C`` fused C++ loop (one pass, no
-                                                      temporaries; 1.08-10x the torch path
+                                                      temporaries; 0.88-6.2x the torch path
                                                       in benchmarks/results/cpu/report.md)
 ============  =====================================  ======================================
 
