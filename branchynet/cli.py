@@ -113,15 +113,30 @@ def _calibrate_and_write(model, splits, device, out: Path, *, batch_size=256, te
     into ``out``. Under torchrun each rank scores its part of the split and rank 0 alone
     searches, times and writes (the other ranks get None)."""
     from .calibrate import calibrate
-    from .distributed import gather_exit_table, is_main
+    from .distributed import gather_exit_table, gather_objects, is_distributed, is_main
 
     # Temperature scaling refits the exits on the logits and rescores after folding, so
     # it runs on rank 0 over the whole split rather than from gathered scores.
     table = None if targets.get("temperature") else gather_exit_table(model, splits.val, device=device)
+    cal = failed = None
+    if is_main():
+        try:
+            cal = calibrate(model, splits.val, latency=True, batch_size=batch_size, device=device,
+                            test=test, table=table, **targets)
+        except ValueError as err:  # TargetUnreachable among them: rank 0 reports it
+            failed = err
+    if is_distributed() and gather_objects(failed is not None)[0]:
+        # Rank 0's search failed: every rank leaves with it, rather than wait in a barrier
+        # that rank 0 never reaches (its message is printed once, by rank 0).
+        main_rank = is_main()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            raise SystemExit(2)
+    if failed is not None:
+        raise failed
     if not is_main():
         return None
-    cal = calibrate(model, splits.val, latency=True, batch_size=batch_size, device=device, test=test,
-                    table=table, **targets)
     out.mkdir(parents=True, exist_ok=True)
     cal.to_csv(out / "calibration.csv")
     try:

@@ -203,3 +203,19 @@ def test_torchrun_cli_train_and_calibrate(tmp_path):
     assert two_rows[0] == one_rows[0]  # the header
     for a, b in zip(two_rows[1:], one_rows[1:]):
         assert [float(t) for t in a[0].split()] == pytest.approx([float(t) for t in b[0].split()], rel=1e-5)
+
+
+def test_torchrun_calibrate_with_an_unreachable_target_ends_every_rank(tmp_path):
+    # Rank 0 alone searches; when no threshold meets the target, every rank must exit with
+    # a non-zero status (not fail waiting in the final barrier), with rank 0's message once.
+    args = ["train", "--model", "b-lenet", "--dataset", "digits", "--epochs", "1", "--batch-size", "64",
+            "--seed", "3", "--quiet", "--out", str(tmp_path / "m.pt")]
+    assert main(args) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "branchynet", "calibrate", str(tmp_path / "m.pt"), "--out", str(tmp_path / "cal"),
+           "--min-accuracy", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    assert r.returncode != 0
+    assert r.stderr.count("error: no threshold combination meets the target") == 1, r.stderr[-3000:]
+    # the other rank leaves with rank 0 instead of failing in the final barrier
+    assert "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
