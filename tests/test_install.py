@@ -102,12 +102,26 @@ def test_layout_from_a_wheel(tmp_path):
     assert not got["top_kernels"] and not got["top_csrc"]
 
 
+def _installed_here():
+    """Where this interpreter's own branchynet distribution is, or None (a fresh process:
+    importlib.metadata caches nothing across them)."""
+    r = subprocess.run([sys.executable, "-c", "import importlib.metadata as m\ntry:\n"
+                        "    print(m.distribution('branchynet')._path)\nexcept m.PackageNotFoundError:\n"
+                        "    print(None)"], capture_output=True, text=True, cwd="/")
+    return r.stdout.strip()
+
+
 def test_layout_from_an_editable_install(tmp_path):
     src = _copy_checkout(tmp_path / "src")
     prefix = tmp_path / "prefix"
+    before = _installed_here()
+    # --ignore-installed: with --prefix alone pip uninstalls the branchynet of this
+    # interpreter's own site-packages (the install under test) before installing.
     r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-              "-e", str(src), "--prefix", str(prefix)], tmp_path, {"BRANCHYNET_SKIP_EXT": "1"})
+              "--ignore-installed", "-e", str(src), "--prefix", str(prefix)], tmp_path,
+             {"BRANCHYNET_SKIP_EXT": "1"})
     assert r.returncode == 0, r.stderr
+    assert _installed_here() == before  # the test leaves this interpreter's install alone
     site = sysconfig.get_paths(vars={"base": str(prefix), "platbase": str(prefix)})["purelib"]
     # -S: this interpreter's own site-packages may hold another editable branchynet (the
     # one under test); only the new install's .pth is read, torch is found by path.
