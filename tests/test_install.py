@@ -206,6 +206,67 @@ def test_cache_folder_depends_on_sources_and_kind(tmp_path, monkeypatch):
     assert _build.build_dir(cpu, str(src))[0] != folder
 
 
+def test_cached_loads_only_the_folder_of_the_current_plan(tmp_path, monkeypatch):
+    # A finished build of the same sources under another digest (another toolkit, GPU
+    # architecture or flags): `branchynet build` would write a new folder, and the
+    # cache must not keep loading the old one.
+    monkeypatch.setenv(_build.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "plan", lambda jit, env=None: ([{"kind": "cpu", "cuda_home": None}], "test"))
+    src = str(_copy_checkout(tmp_path / "src") / "csrc")
+    folder, name = _build.build_dir({"kind": "cpu", "cuda_home": None}, src)
+    other = Path(folder).parent / "cpu-0123456789abcdef"
+    other.mkdir(parents=True)
+    rec = {"kind": "cpu", "how": "just in time", "source": _build.source_hash(src),
+           "module": "branchynet_C_cpu_0123456789abcdef"}
+    (other / "built.json").write_text(json.dumps(rec))
+    loaded = []
+    monkeypatch.setattr(_build, "_import_built", lambda f, n: loaded.append((f, n)) or f"module {n}")
+    assert _build.cached(src) == (None, None) and loaded == []
+    Path(folder).mkdir()
+    (Path(folder) / "built.json").write_text(json.dumps({**rec, "module": name}))
+    mod, got = _build.cached(src)
+    assert loaded == [(folder, name)] and mod == f"module {name}" and got["module"] == name
+
+
+def test_threads_wait_for_the_just_in_time_build(monkeypatch):
+    # Two threads on a process whose extension is still being built: the second waits for
+    # the build and sees the cpp backend, instead of settling on torch meanwhile.
+    import threading
+    import time
+
+    from branchynet import ops
+
+    real = ops._EXT
+    if real is None:
+        pytest.skip("no extension in this checkout")
+    started, calls = threading.Event(), []
+
+    def slow_build(build_if_missing):
+        calls.append(build_if_missing)
+        started.set()
+        time.sleep(0.5)
+        return real, None
+
+    monkeypatch.setattr(_build, "load_extension", slow_build)
+    monkeypatch.setattr(ops, "_EXT", None)  # monkeypatch puts the module state back afterwards
+    monkeypatch.setattr(ops, "_EXT_ERROR", "not built yet")
+    monkeypatch.setattr(ops, "_EXT_TRIED", False)
+    seen = {}
+
+    def ask(i):
+        seen[i] = ops.available_backends("cpu")
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=ask, args=(1,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert calls == [True]
+    assert "cpp" in seen[0] and seen[1] == seen[0], seen
+
+
 # --- builds (real compiles) ------------------------------------------------------------------
 
 @pytest.mark.slow
