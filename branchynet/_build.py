@@ -348,6 +348,11 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
     lock.acquire(on_wait=lambda: log.warning(
         "branchynet: waiting for another process building the extension in %s", folder))
     try:
+        if force:  # a rebuild from scratch: ninja would find its old outputs up to date
+            for f in os.listdir(folder):
+                path = os.path.join(folder, f)
+                if f != "branchynet.lock":
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if os.path.exists(done):
             with open(done) as fh:
                 rec = json.load(fh)
@@ -421,6 +426,24 @@ def build(*, force: bool = False, root: str | None = None):
                         "; trying the CPU kernels" if i + 1 < len(attempts) else
                         "; the exit op runs as PyTorch ops")
     return None, record(None, "just in time", "; ".join(errors))
+
+
+_CHILD_BUILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("branchynet_build", sys.argv[1])
+b = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b)
+mod, rec = b.build(force=True)
+print(("built: " if mod is not None else "no extension: ") + b.describe(rec))
+sys.exit(0 if mod is not None else 1)
+"""
+
+
+def build_in_subprocess() -> int:
+    """``build(force=True)`` in a fresh interpreter; its exit status. For a process that
+    has an extension loaded already: importing a second one in it would register the
+    same ops twice. This file imports nothing of the package (as in setup.py)."""
+    return subprocess.run([sys.executable, "-c", _CHILD_BUILD, os.path.abspath(__file__)]).returncode
 
 
 def cached(root: str | None = None):

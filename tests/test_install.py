@@ -228,6 +228,46 @@ def test_cached_loads_only_the_folder_of_the_current_plan(tmp_path, monkeypatch)
     assert loaded == [(folder, name)] and mod == f"module {name}" and got["module"] == name
 
 
+def test_a_forced_build_rebuilds_from_scratch(tmp_path, monkeypatch):
+    # `branchynet build --force` over a finished build: the old outputs go (ninja would
+    # find them up to date) and the compiler runs again, instead of reloading the old module.
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv(_build.ENV_CACHE, str(tmp_path / "cache"))
+    src = str(_copy_checkout(tmp_path / "src") / "csrc")
+    cpu = {"kind": "cpu", "cuda_home": None}
+    folder, name = _build.build_dir(cpu, src)
+    Path(folder).mkdir(parents=True)
+    (Path(folder) / "built.json").write_text(json.dumps({"kind": "cpu", "module": name}))
+    (Path(folder) / f"{name}.so").write_text("the old build")
+    seen = []
+
+    def fake_load(n, sources, **kw):
+        seen.append(sorted(os.listdir(kw["build_directory"])))
+        return f"new {n}"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    mod, rec = _build.jit_build(cpu, src, force=True)
+    assert mod == f"new {name}" and seen == [["branchynet.lock"]]
+    assert json.loads((Path(folder) / "built.json").read_text())["source"] == _build.source_hash(src)
+
+
+def test_build_force_with_an_extension_loaded_builds_in_a_new_process(monkeypatch, capsys):
+    from branchynet import ops
+    from branchynet.cli import main
+
+    monkeypatch.setattr(ops, "_EXT", object())
+    calls = []
+    monkeypatch.setattr(_build, "build_in_subprocess", lambda: calls.append(1) or 0)
+    assert main(["build"]) == 0 and calls == []
+    assert "branchynet._C is there" in capsys.readouterr().out
+    assert main(["build", "--force"]) == 0 and calls == [1]
+    assert "restart them to use the new build" in capsys.readouterr().out
+    monkeypatch.setattr(_build, "build_in_subprocess", lambda: 1)
+    with pytest.raises(SystemExit, match="1"):
+        main(["build", "--force"])
+
+
 def test_threads_wait_for_the_just_in_time_build(monkeypatch):
     # Two threads on a process whose extension is still being built: the second waits for
     # the build and sees the cpp backend, instead of settling on torch meanwhile.
