@@ -268,6 +268,40 @@ def test_build_force_with_an_extension_loaded_builds_in_a_new_process(monkeypatc
         main(["build", "--force"])
 
 
+def test_load_extension_builds_once_and_a_second_thread_gets_the_build(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setattr(_build, "_HERE", str(tmp_path))  # the installed _C is not this package's
+    monkeypatch.setattr(_build, "cached", lambda root=None: (None, None))
+    monkeypatch.setattr(_build, "_install_as_C", lambda mod: None)
+    monkeypatch.delenv(_build.ENV_JIT, raising=False)
+    for key, value in (("record", None), ("jit_tried", False), ("jit", None)):
+        monkeypatch.setitem(_build._STATE, key, value)
+    started, calls, built = threading.Event(), [], object()
+
+    def slow_build():
+        calls.append(1)
+        started.set()
+        time.sleep(0.5)
+        return built, {"kind": "cpu", "how": "just in time", "why": ""}
+
+    monkeypatch.setattr(_build, "build", slow_build)
+    seen = {}
+
+    def load(i):
+        seen[i] = _build.load_extension(build_if_missing=True)
+
+    first = threading.Thread(target=load, args=(0,))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=load, args=(1,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert calls == [1] and seen == {0: (built, None), 1: (built, None)}
+
+
 def test_threads_wait_for_the_just_in_time_build(monkeypatch):
     # Two threads on a process whose extension is still being built: the second waits for
     # the build and sees the cpp backend, instead of settling on torch meanwhile.
