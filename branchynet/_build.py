@@ -39,6 +39,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 log = logging.getLogger("branchynet.build")
@@ -347,6 +348,11 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
     lock.acquire(on_wait=lambda: log.warning(
         "branchynet: waiting for another process building the extension in %s", folder))
     try:
+        if force:  # a rebuild from scratch: ninja would find its old outputs up to date
+            for f in os.listdir(folder):
+                path = os.path.join(folder, f)
+                if f != "branchynet.lock":
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if os.path.exists(done):
             with open(done) as fh:
                 rec = json.load(fh)
@@ -422,43 +428,54 @@ def build(*, force: bool = False, root: str | None = None):
     return None, record(None, "just in time", "; ".join(errors))
 
 
+_CHILD_BUILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("branchynet_build", sys.argv[1])
+b = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b)
+mod, rec = b.build(force=True)
+print(("built: " if mod is not None else "no extension: ") + b.describe(rec))
+sys.exit(0 if mod is not None else 1)
+"""
+
+
+def build_in_subprocess() -> int:
+    """``build(force=True)`` in a fresh interpreter; its exit status. For a process that
+    has an extension loaded already: importing a second one in it would register the
+    same ops twice. This file imports nothing of the package (as in setup.py)."""
+    return subprocess.run([sys.executable, "-c", _CHILD_BUILD, os.path.abspath(__file__)]).returncode
+
+
 def cached(root: str | None = None):
     """``(module, record)`` of a finished just-in-time build of these sources for this
-    torch and Python, or ``(None, None)``; never builds, never runs nvcc (import time).
-    CUDA kernels are preferred where a GPU is visible."""
+    torch and Python, or ``(None, None)``; never builds (import time). CUDA kernels are
+    preferred where a GPU is visible.
+
+    Only the folder of the current plan (:func:`build_dir`: sources, flags, and for CUDA
+    the toolkit and architectures) counts: a build for another toolkit or GPU is not it.
+    """
     root = root or csrc_dir()
     if root is None:
         return None, None
-    import torch
-
-    base = os.path.join(cache_root(), f"torch-{torch.__version__}-{sys.implementation.cache_tag}")
-    if not os.path.isdir(base):
-        return None, None
-    src = source_hash(root)
-    found = {}
-    for entry in sorted(os.listdir(base)):
-        done = os.path.join(base, entry, "built.json")
+    attempts, _ = plan(jit=True)
+    for attempt in attempts or [{"kind": "cpu", "cuda_home": None}]:
+        folder, name = build_dir(attempt, root)
         try:
-            with open(done) as fh:
+            with open(os.path.join(folder, "built.json")) as fh:
                 rec = json.load(fh)
         except (OSError, ValueError):
             continue
-        if rec.get("source") == src:
-            found.setdefault(rec.get("kind"), (os.path.join(base, entry), rec))
-    order = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
-    for kind in order:
-        if kind in found:
-            folder, rec = found[kind]
-            try:
-                return _import_built(folder, rec["module"]), rec
-            except Exception as err:  # a cache entry that does not load: rebuilt on first use
-                log.debug("branchynet: cached build in %s not loaded (%s)", folder, err)
+        try:
+            return _import_built(folder, name), rec
+        except Exception as err:  # a cache entry that does not load: rebuilt on first use
+            log.debug("branchynet: cached build in %s not loaded (%s)", folder, err)
     return None, None
 
 
 # --- what the package uses --------------------------------------------------------------
 
-_STATE = {"record": None, "jit_tried": False}
+_STATE = {"record": None, "jit_tried": False, "jit": None}
+_JIT_LOCK = threading.Lock()
 
 
 def _install_as_C(mod) -> None:
@@ -520,18 +537,23 @@ def load_extension(build_if_missing: bool):
         _STATE["record"] = rec
         return mod, None
     missing = aot_error or "branchynet._C is not installed"
-    if not build_if_missing or _STATE["jit_tried"]:
+    if not build_if_missing:
         return None, missing
-    if os.environ.get(ENV_JIT, "1").strip() == "0":
-        _STATE["record"] = record(None, "just in time", f"turned off by {ENV_JIT}=0")
-        return None, f"{missing}; just-in-time build turned off by {ENV_JIT}=0"
-    _STATE["jit_tried"] = True
-    mod, rec = build()
-    _STATE["record"] = rec
-    if mod is None:
-        return None, f"{missing}; just-in-time build: {rec['why']}"
-    _install_as_C(mod)
-    return mod, None
+    with _JIT_LOCK:  # one build per process: a second thread waits for the first one's result
+        if _STATE["jit_tried"]:
+            return _STATE["jit"] or (None, missing)
+        if os.environ.get(ENV_JIT, "1").strip() == "0":
+            _STATE["record"] = record(None, "just in time", f"turned off by {ENV_JIT}=0")
+            return None, f"{missing}; just-in-time build turned off by {ENV_JIT}=0"
+        mod, rec = build()
+        _STATE["record"] = rec
+        if mod is None:
+            _STATE["jit"] = (None, f"{missing}; just-in-time build: {rec['why']}")
+        else:
+            _install_as_C(mod)
+            _STATE["jit"] = (mod, None)
+        _STATE["jit_tried"] = True
+        return _STATE["jit"]
 
 
 def build_record() -> dict | None:

@@ -405,8 +405,17 @@ def run_build(args) -> None:
     """Build the extension now instead of on first use (a no-op when it is there)."""
     from . import _build, ops
 
-    if ops._EXT is not None:
+    if ops._EXT is not None and not args.force:
         print(f"branchynet._C is there: {_build.describe(_build.build_record())}")
+        return
+    if ops._EXT is not None:
+        loaded = _build.describe(_build.build_record())
+        code = _build.build_in_subprocess()  # this process cannot load a second one
+        print(f"rebuilt in a new process. Processes that had loaded an extension (this one "
+              f"had: {loaded}) keep it: restart them to use the new build. An installed "
+              "ahead-of-time branchynet._C is loaded before any just-in-time build.")
+        if code:
+            raise SystemExit(code)
         return
     mod, rec = _build.build(force=args.force)
     print(f"{'built' if mod is not None else 'no extension'}: {_build.describe(rec)}")
@@ -536,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=run_bench)
 
     bu = sub.add_parser("build", help="build the compiled exit-op kernels now (otherwise: on first use)")
-    bu.add_argument("--force", action="store_true", help="retry a build that failed before")
+    bu.add_argument("--force", action="store_true",
+                    help="rebuild from scratch: a build that failed before, or one already there")
     bu.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="versions, devices and exit-op backends")

@@ -260,9 +260,9 @@ def check_host_syncs(device, backend) -> Row:
     model = build_model("b_alexnet", num_classes=10).to(device).eval()
     x = torch.randn(256, *model.input_shape, device=device)
     t = _split_thresholds(model, x)
-    with _no_first_use_check():
+    with _no_first_use_check():  # the first call resolves the backend: the one named
         eng = EarlyExitEngine(model, t, backend=backend)
-    eng(x)  # lazy initialisation (cuDNN, Triton compilation) may sync
+        eng(x)  # lazy initialisation (cuDNN, Triton compilation) may sync
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

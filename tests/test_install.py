@@ -220,6 +220,141 @@ def test_cache_folder_depends_on_sources_and_kind(tmp_path, monkeypatch):
     assert _build.build_dir(cpu, str(src))[0] != folder
 
 
+def test_cached_loads_only_the_folder_of_the_current_plan(tmp_path, monkeypatch):
+    # A finished build of the same sources under another digest (another toolkit, GPU
+    # architecture or flags): `branchynet build` would write a new folder, and the
+    # cache must not keep loading the old one.
+    monkeypatch.setenv(_build.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "plan", lambda jit, env=None: ([{"kind": "cpu", "cuda_home": None}], "test"))
+    src = str(_copy_checkout(tmp_path / "src") / "csrc")
+    folder, name = _build.build_dir({"kind": "cpu", "cuda_home": None}, src)
+    other = Path(folder).parent / "cpu-0123456789abcdef"
+    other.mkdir(parents=True)
+    rec = {"kind": "cpu", "how": "just in time", "source": _build.source_hash(src),
+           "module": "branchynet_C_cpu_0123456789abcdef"}
+    (other / "built.json").write_text(json.dumps(rec))
+    loaded = []
+    monkeypatch.setattr(_build, "_import_built", lambda f, n: loaded.append((f, n)) or f"module {n}")
+    assert _build.cached(src) == (None, None) and loaded == []
+    Path(folder).mkdir()
+    (Path(folder) / "built.json").write_text(json.dumps({**rec, "module": name}))
+    mod, got = _build.cached(src)
+    assert loaded == [(folder, name)] and mod == f"module {name}" and got["module"] == name
+
+
+def test_a_forced_build_rebuilds_from_scratch(tmp_path, monkeypatch):
+    # `branchynet build --force` over a finished build: the old outputs go (ninja would
+    # find them up to date) and the compiler runs again, instead of reloading the old module.
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv(_build.ENV_CACHE, str(tmp_path / "cache"))
+    src = str(_copy_checkout(tmp_path / "src") / "csrc")
+    cpu = {"kind": "cpu", "cuda_home": None}
+    folder, name = _build.build_dir(cpu, src)
+    Path(folder).mkdir(parents=True)
+    (Path(folder) / "built.json").write_text(json.dumps({"kind": "cpu", "module": name}))
+    (Path(folder) / f"{name}.so").write_text("the old build")
+    seen = []
+
+    def fake_load(n, sources, **kw):
+        seen.append(sorted(os.listdir(kw["build_directory"])))
+        return f"new {n}"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    mod, rec = _build.jit_build(cpu, src, force=True)
+    assert mod == f"new {name}" and seen == [["branchynet.lock"]]
+    assert json.loads((Path(folder) / "built.json").read_text())["source"] == _build.source_hash(src)
+
+
+def test_build_force_with_an_extension_loaded_builds_in_a_new_process(monkeypatch, capsys):
+    from branchynet import ops
+    from branchynet.cli import main
+
+    monkeypatch.setattr(ops, "_EXT", object())
+    calls = []
+    monkeypatch.setattr(_build, "build_in_subprocess", lambda: calls.append(1) or 0)
+    assert main(["build"]) == 0 and calls == []
+    assert "branchynet._C is there" in capsys.readouterr().out
+    assert main(["build", "--force"]) == 0 and calls == [1]
+    assert "restart them to use the new build" in capsys.readouterr().out
+    monkeypatch.setattr(_build, "build_in_subprocess", lambda: 1)
+    with pytest.raises(SystemExit, match="1"):
+        main(["build", "--force"])
+
+
+def test_load_extension_builds_once_and_a_second_thread_gets_the_build(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setattr(_build, "_HERE", str(tmp_path))  # the installed _C is not this package's
+    monkeypatch.setattr(_build, "cached", lambda root=None: (None, None))
+    monkeypatch.setattr(_build, "_install_as_C", lambda mod: None)
+    monkeypatch.delenv(_build.ENV_JIT, raising=False)
+    for key, value in (("record", None), ("jit_tried", False), ("jit", None)):
+        monkeypatch.setitem(_build._STATE, key, value)
+    started, calls, built = threading.Event(), [], object()
+
+    def slow_build():
+        calls.append(1)
+        started.set()
+        time.sleep(0.5)
+        return built, {"kind": "cpu", "how": "just in time", "why": ""}
+
+    monkeypatch.setattr(_build, "build", slow_build)
+    seen = {}
+
+    def load(i):
+        seen[i] = _build.load_extension(build_if_missing=True)
+
+    first = threading.Thread(target=load, args=(0,))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=load, args=(1,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert calls == [1] and seen == {0: (built, None), 1: (built, None)}
+
+
+def test_threads_wait_for_the_just_in_time_build(monkeypatch):
+    # Two threads on a process whose extension is still being built: the second waits for
+    # the build and sees the cpp backend, instead of settling on torch meanwhile.
+    import threading
+    import time
+
+    from branchynet import ops
+
+    real = ops._EXT
+    if real is None:
+        pytest.skip("no extension in this checkout")
+    started, calls = threading.Event(), []
+
+    def slow_build(build_if_missing):
+        calls.append(build_if_missing)
+        started.set()
+        time.sleep(0.5)
+        return real, None
+
+    monkeypatch.setattr(_build, "load_extension", slow_build)
+    monkeypatch.setattr(ops, "_EXT", None)  # monkeypatch puts the module state back afterwards
+    monkeypatch.setattr(ops, "_EXT_ERROR", "not built yet")
+    monkeypatch.setattr(ops, "_EXT_TRIED", False)
+    seen = {}
+
+    def ask(i):
+        seen[i] = ops.available_backends("cpu")
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=ask, args=(1,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert calls == [True]
+    assert "cpp" in seen[0] and seen[1] == seen[0], seen
+
+
 # --- builds (real compiles) ------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -106,3 +106,27 @@ def test_the_comparison_catches_each_kind_of_wrong_answer():
                       ("logits", "bit for bit"), ("count", "survivor count")):
         failure, _ = _verify.compare_exit_step(spoil(what), logits, rows, 70, t, 0, 1, False)
         assert failure is not None and msg in failure, (what, failure)
+
+
+@needs_cpp
+def test_a_wrong_direct_entry_fails_the_check_and_the_engine_falls_back(monkeypatch):
+    # The eager engine calls the extension's exit_step_direct, not the dispatcher op the
+    # rest of the check runs: a fault in its own argument handling must show too.
+    from branchynet import engine
+    from test_engine import random_model
+
+    real = ops._EXT.exit_step_direct
+    assert _verify.compare_direct(real, _verify._check_logits(64, 10, "cpu"), 0, 0.5) is None
+
+    def wrong(*args):
+        res = real(*args)
+        if len(res) == 7:  # the first exit: the outputs it allocated come back
+            res[4][res[5] == 0] += 1  # a wrong prediction for every row leaving there
+        return res
+
+    monkeypatch.setattr(ops._EXT, "exit_step_direct", wrong)
+    monkeypatch.setattr(engine, "_DIRECT", None)  # looked up again from the extension
+    model = random_model(3, num_exits=2, dtype=torch.float32).eval()
+    eng = EarlyExitEngine(model, [0.5], backend="auto")
+    with pytest.warns(RuntimeWarning, match=r"'cpp'.*exit_step_direct \(the engine's\).*pred differs"):
+        assert eng.backend_for("cpu") == "torch"

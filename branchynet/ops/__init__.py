@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 
 import torch
 
@@ -55,6 +56,9 @@ BACKENDS = ("cuda", "triton", "cpp", "torch")
 # (_ensure_ext), not at import: `branchynet build` and BRANCHYNET_JIT=0 must come first.
 _EXT, _EXT_ERROR = _build.load_extension(build_if_missing=False)
 _EXT_TRIED = False
+# Held for the whole (minute-long) build: another thread asking for the backends meanwhile
+# waits for it instead of seeing no extension and settling on torch for good.
+_EXT_LOCK = threading.Lock()
 
 
 def _ensure_ext() -> None:
@@ -62,13 +66,16 @@ def _ensure_ext() -> None:
     global _EXT, _EXT_ERROR, _EXT_TRIED
     if _EXT_TRIED:
         return
-    _EXT_TRIED = True
-    if _EXT is None:
-        _EXT, _EXT_ERROR = _build.load_extension(build_if_missing=True)
-    if _EXT is not None:
-        _register_fakes()  # shapes for torch.compile / FakeTensor tracing of the compiled ops
-    else:
-        log.debug("branchynet._C not available (%s); the cuda and cpp backends are off", _EXT_ERROR)
+    with _EXT_LOCK:
+        if _EXT_TRIED:
+            return
+        if _EXT is None:
+            _EXT, _EXT_ERROR = _build.load_extension(build_if_missing=True)
+        if _EXT is not None:
+            _register_fakes()  # shapes for torch.compile / FakeTensor tracing of the compiled ops
+        else:
+            log.debug("branchynet._C not available (%s); the cuda and cpp backends are off", _EXT_ERROR)
+        _EXT_TRIED = True  # only once the load or build is over
 
 
 if _EXT is not None:
