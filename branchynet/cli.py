@@ -287,6 +287,9 @@ def run_train(args) -> None:
     torch.manual_seed(args.seed)
     model = (_build(args.model, splits) if args.arch is None else _build_arch(args, splits)).to(device)
     if args.weights:
+        if len(args.weights) != model.num_exits:
+            raise SystemExit(f"error: --weights needs {model.num_exits} values (one per exit of this "
+                             f"model), got {len(args.weights)}: {','.join(map(str, args.weights))}")
         model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.

@@ -78,6 +78,13 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
     assert err.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_weights_of_the_wrong_length(tmp_path):
+    # Was a raw ValueError from ExitConfig, after the data set was loaded.
+    with pytest.raises(SystemExit, match=r"error: --weights needs 2 values .* got 3: 1.0,1.0,1.0"):
+        main(["train", "--epochs", "1", "--weights", "1,1,1",
+              "--out", str(tmp_path / "m.pt"), "--quiet"])
+
+
 def test_missing_checkpoint_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
