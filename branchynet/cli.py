@@ -338,7 +338,8 @@ def run_calibrate(args) -> None:
             max_drop=args.max_drop, min_accuracy=args.min_accuracy, max_flops=args.max_flops,
             max_latency=None if args.max_latency_ms is None else args.max_latency_ms / 1e3,
             exit_fraction=args.exit_fraction, temperature=args.temperature)
-    except TargetUnreachable as err:  # the message gives the best reachable value
+    except (TargetUnreachable, ValueError) as err:  # the message gives the best reachable value
+        # ... or says what in this model calibration cannot handle (e.g. fold a temperature)
         raise SystemExit(f"error: {err}") from None
     if cal is None:  # not rank 0: it writes the result
         return
