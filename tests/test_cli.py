@@ -85,6 +85,17 @@ def test_weights_of_the_wrong_length(tmp_path):
               "--out", str(tmp_path / "m.pt"), "--quiet"])
 
 
+def test_resume_with_another_freeze_is_an_error_message(tmp_path, capsys):
+    # Was torch's "loaded state dict contains a parameter group that doesn't match" traceback.
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--epochs", "1", "--out", str(ckpt), "--quiet"]) == 0
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", "--out", str(ckpt), "--resume", "--freeze", "backbone", "--quiet"]) == 2
+    assert "trained with freeze=None, this run asks for freeze='backbone'" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
 def test_missing_checkpoint_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
