@@ -125,7 +125,8 @@ def train(
         checkpoint: a path; the model, optimizer, epoch, RNG states and history are saved
             there after every epoch (:func:`branchynet.checkpoint.save_checkpoint`; the
             model needs ``model.arch``).
-        resume: continue from ``checkpoint`` if the file exists (a fresh start if not).
+        resume: continue from ``checkpoint`` if the file exists (a fresh start if not),
+            keeping its thresholds, criterion and temperature record (``calibrate --write``).
             The resumed run gives the same weights as an uninterrupted one with the same
             arguments (``epochs`` may be larger; with ``schedule="cosine"`` it must be the
             same, as it sets the schedule's length).
@@ -164,6 +165,8 @@ def train(
     Raises:
         TypeError: ``model`` is not a BranchyNet, or ``data`` of an unknown type.
         ValueError: bad arguments; ``checkpoint`` given for a model without ``arch``.
+        CheckpointError: ``resume`` from a checkpoint trained with another ``optimizer``,
+            ``arch``, ``freeze``, ``amp`` or ``distill``, or without training state.
     """
     from .checkpoint import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
