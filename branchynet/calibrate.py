@@ -324,10 +324,17 @@ def _last_linear(branch: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 @torch.no_grad()
-def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: torch.Tensor) -> None:
+def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: torch.Tensor) -> list[float]:
     """Divide each branch's logits by its temperature at no runtime cost: the weight and
     bias of the branch's last ``nn.Linear`` are divided by T (argmax, hence every
     prediction, is unchanged; the entropies are those of ``softmax(z / T)``).
+
+    The final exit's score is never compared with a threshold, so its temperature only
+    matters for calibrated probabilities. Where its branch has no ``nn.Linear`` but no
+    parameters either (the ``nn.Identity`` of :func:`~branchynet.attach_exits` models), T
+    is folded into the last stage's last ``nn.Linear``; where that is not possible (no
+    such layer, or one whose output is not the logits) the final exit is left at T = 1.0,
+    and the returned list says so.
 
     Args:
         model: the BranchyNet, changed in place.
@@ -335,13 +342,18 @@ def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: 
         example: [B, ...] inputs, used to check that each branch's logits are its last
             linear layer's output divided by T after folding.
 
+    Returns:
+        The N temperatures folded: ``temperatures``, with the last one 1.0 where it could
+        not be folded (see above).
+
     Raises:
-        ValueError: a branch whose logits are not an affine function of its last linear
-            layer's output (nothing folded then).
+        ValueError: a side branch whose logits are not an affine function of its last
+            linear layer's output (nothing folded then).
     """
     temps = [float(t) for t in temperatures]
     if len(temps) != model.num_exits or not all(t > 0 and math.isfinite(t) for t in temps):
         raise ValueError(f"temperatures: expected {model.num_exits} finite values > 0, got {temps}")
+    last = model.num_exits - 1
     was_training = model.training
     model.eval()
     try:
@@ -351,6 +363,12 @@ def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: 
             if t == 1.0:
                 continue
             lin = _last_linear(branch)
+            if lin is None and n == last:
+                # A parameter-free final branch passes the last stage's output on.
+                lin = _last_linear(model.stages[-1]) if not any(True for _ in branch.parameters()) else None
+                if lin is None:
+                    temps[n] = 1.0
+                    continue
             if lin is None:
                 raise ValueError(f"branch {n} has no nn.Linear layer to fold temperature {t:.4g} into")
             saved.append((lin, lin.weight.clone(), None if lin.bias is None else lin.bias.clone()))
@@ -362,6 +380,15 @@ def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: 
             want = z0.double() / t
             scale = float(want.abs().amax()) if want.numel() else 0.0
             if not torch.allclose(z1.double(), want, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                if n == last and _last_linear(model.branches[n]) is None:
+                    # Folded into the last stage (above), whose output feeds no other exit:
+                    # undo that one and leave the final exit unscaled.
+                    lin, w, b = saved.pop()
+                    lin.weight.copy_(w)
+                    if b is not None:
+                        lin.bias.copy_(b)
+                    temps[n] = 1.0
+                    break
                 for lin, w, b in saved:  # undo every branch, bit for bit
                     lin.weight.copy_(w)
                     if b is not None:
@@ -371,6 +398,7 @@ def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: 
                     f"or a shared one), so temperature {t:.4g} cannot be folded into it")
     finally:
         model.train(was_training)
+    return temps
 
 
 def _first_inputs(data, limit: int) -> torch.Tensor:
@@ -853,7 +881,9 @@ def calibrate(
         val: validation Dataset of ``(x, y)`` (or DataLoader).
         temperature: fit one temperature per exit on ``val`` (NLL) and fold it into the
             branch's last linear layer (changes ``model`` in place; predictions unchanged),
-            before the thresholds are searched on the scaled scores.
+            before the thresholds are searched on the scaled scores. The final exit may
+            stay at 1.0 (see :func:`fold_temperature`); ``temperature`` in the result
+            holds the values folded.
         candidates: T values to try per side branch (default :func:`candidate_thresholds`).
         flops: FLOP profile (default counted from the model).
         path_times: seconds per sample to reach each exit (:func:`measure_path_times`),
@@ -903,9 +933,9 @@ def calibrate(
             raise ValueError("temperature=True rescores the data after folding: do not pass table=")
         logits, y = collect_logits(model, val, batch_size=batch_size, device=device)
         temps = [fit_temperature(z, y) for z in logits]
+        temps = fold_temperature(model, temps, _first_inputs(val, 256).to(device))
         ece = {"before": [expected_calibration_error(z, y) for z in logits],
                "after": [expected_calibration_error(z.double() / t, y) for z, t in zip(logits, temps)]}
-        fold_temperature(model, temps, _first_inputs(val, 256).to(device))
     table = table or collect_exit_outputs(model, val, criterion=criterion, batch_size=batch_size,
                                           device=device)
     n, m = table.score.shape

@@ -302,6 +302,9 @@ def run_train(args) -> None:
     torch.manual_seed(args.seed)
     model = (_build(args.model, splits) if args.arch is None else _build_arch(args, splits)).to(device)
     if args.weights:
+        if len(args.weights) != model.num_exits:
+            raise SystemExit(f"error: --weights needs {model.num_exits} values (one per exit of this "
+                             f"model), got {len(args.weights)}: {','.join(map(str, args.weights))}")
         model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.
@@ -350,7 +353,8 @@ def run_calibrate(args) -> None:
             max_drop=args.max_drop, min_accuracy=args.min_accuracy, max_flops=args.max_flops,
             max_latency=None if args.max_latency_ms is None else args.max_latency_ms / 1e3,
             exit_fraction=args.exit_fraction, temperature=args.temperature)
-    except TargetUnreachable as err:  # the message gives the best reachable value
+    except (TargetUnreachable, ValueError) as err:  # the message gives the best reachable value
+        # ... or says what in this model calibration cannot handle (e.g. fold a temperature)
         raise SystemExit(f"error: {err}") from None
     if cal is None:  # not rank 0: it writes the result
         return

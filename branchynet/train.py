@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
-from .config import check_weights
+from .config import ExitConfig, check_weights
 from .data import DataSplits
 from .distributed import (ShardedBatchSampler, all_reduce_sum, barrier, gather_objects, is_distributed, is_main,
                           rank, shard_range, world_size)
@@ -125,7 +125,8 @@ def train(
         checkpoint: a path; the model, optimizer, epoch, RNG states and history are saved
             there after every epoch (:func:`branchynet.checkpoint.save_checkpoint`; the
             model needs ``model.arch``).
-        resume: continue from ``checkpoint`` if the file exists (a fresh start if not).
+        resume: continue from ``checkpoint`` if the file exists (a fresh start if not),
+            keeping its thresholds, criterion and temperature record (``calibrate --write``).
             The resumed run gives the same weights as an uninterrupted one with the same
             arguments (``epochs`` may be larger; with ``schedule="cosine"`` it must be the
             same, as it sets the schedule's length).
@@ -164,6 +165,8 @@ def train(
     Raises:
         TypeError: ``model`` is not a BranchyNet, or ``data`` of an unknown type.
         ValueError: bad arguments; ``checkpoint`` given for a model without ``arch``.
+        CheckpointError: ``resume`` from a checkpoint trained with another ``optimizer``,
+            ``arch``, ``freeze``, ``amp`` or ``distill``, or without training state.
     """
     from .checkpoint import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -215,6 +218,7 @@ def train(
     history = TrainHistory()
     start = 0
     ckpt = None
+    folded = None  # temperatures folded into the weights (a record kept across saves)
     if resume and Path(checkpoint).exists():
         ckpt = read_checkpoint(checkpoint, map_location=device)
         if ckpt["arch"].get("name") != model.arch.get("name"):
@@ -225,13 +229,25 @@ def train(
         state = (ckpt.get("extra") or {}).get("train")
         if state is None or ckpt.get("optimizer") is None or ckpt.get("rng") is None:
             raise CheckpointError(f"{checkpoint} has no training state to resume from")
-        if state["optimizer"] != optimizer:
-            raise ValueError(
-                f"{checkpoint} was trained with optimizer={state['optimizer']!r}; resume with "
-                f"the same optimizer (got {optimizer!r})"
-            )
+        # A setting that changes the optimizer's groups, the parameters or the loss cannot
+        # change halfway through a run. Checkpoints older than these records skip the check.
+        kwargs = {k: v for k, v in (model.arch.get("kwargs") or {}).items() if k != "exit_config"}
+        for name, want in (("optimizer", optimizer), ("arch", _plain({**model.arch, "kwargs": kwargs})),
+                           ("freeze", freeze), ("amp", amp), ("distill", distill)):
+            got = _plain(ckpt["arch"]) if name == "arch" else state.get(name, want)
+            if got != want:
+                raise CheckpointError(
+                    f"{checkpoint} was trained with {name}={got!r}, this run asks for {name}="
+                    f"{want!r}; resume with the same {name} (or train afresh without --resume)"
+                )
         model.load_state_dict(ckpt["state_dict"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
+        # Calibration (`calibrate --write`) may have set thresholds and folded temperatures
+        # into the weights: keep them; the loss weights stay this run's.
+        saved_cfg = ExitConfig.from_dict(ckpt["exit_config"])
+        model.exit_config.thresholds = saved_cfg.thresholds
+        model.exit_config.criterion = saved_cfg.criterion
+        folded = ckpt.get("temperature")
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         start = int(ckpt["epoch"])
@@ -291,7 +307,10 @@ def train(
                     "loader_generator": gen.get_state() if gen is not None and shuffle_gen is None else None,
                     "rng_ranks": rng_ranks,
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                }},
+                    "freeze": freeze,
+                    "amp": amp,
+                    "distill": distill,
+                }}, temperature=folded,
             )
         if checkpoint is not None:
             barrier()  # no rank goes on (and reads the file: resume) before it is written
@@ -623,6 +642,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     # Distinct, reproducible per (seed, epoch); a large odd multiplier keeps seed s,
     # epoch e+1 from colliding with seed s+1, epoch e.
     return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def _plain(obj):
+    """Tuples as lists (a checkpoint may hold either), to compare records by value."""
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def _check_int(name: str, value, minimum: int) -> None:

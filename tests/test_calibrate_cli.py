@@ -38,7 +38,13 @@ def test_calibrate_write_keeps_training_state_so_train_resumes(tmp_path, capsys)
     chosen = [float(t) for t in re.search(r"chosen thresholds \[([^\]]+)\]", out).group(1).split(",")]
     assert list(load_checkpoint(ckpt).exit_config.thresholds) == pytest.approx(chosen, rel=1e-5)
     assert main(["train", "--epochs", "2", "--out", str(ckpt), "--resume", "--quiet"]) == 0
-    assert read_checkpoint(ckpt)["epoch"] == 2
+    resumed = read_checkpoint(ckpt)
+    assert resumed["epoch"] == 2
+    # The temperatures stay folded into the weights, so their record and the thresholds
+    # chosen for them stay too (they used to be reset to the defaults).
+    assert resumed["temperature"] == raw["temperature"]
+    assert resumed["exit_config"]["thresholds"] == raw["exit_config"]["thresholds"]
+    assert resumed["exit_config"]["criterion"] == raw["exit_config"]["criterion"]
 
 
 def test_update_checkpoint_replaces_only_weights_exit_config_and_temperature(tmp_path):

@@ -302,6 +302,37 @@ def test_temperature_cannot_be_folded_through_a_layer_after_the_linear():
     assert torch.equal(model.branches[0][0].weight, w)  # undone
 
 
+def attached_mlp(tail=()):
+    """An attach_exits model (final branch nn.Identity) on a plain MLP, weights scaled up
+    so that the fitted temperatures are far from 1."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5), *tail)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4.0)
+    model = bn.attach_exits(net, ["1"], example_input=torch.randn(2, 12), num_classes=5).eval()
+    assert isinstance(model.branches[-1], nn.Identity)
+    return model
+
+
+@pytest.mark.parametrize("tail", [(), (nn.Tanh(),)], ids=["linear-last", "tanh-after-linear"])
+def test_temperature_on_an_attach_exits_model(tail):
+    # Used to raise "branch 1 has no nn.Linear layer to fold temperature ... into".
+    model, val = attached_mlp(tail), data(5, m=600)
+    x, _ = val.tensors
+    before = [z.clone() for z in model(x)]
+    res = calibrate(model, val, temperature=True, max_drop=0.05)
+    after = model(x)
+    for z0, z1, t in zip(before, after, res.temperature):
+        assert torch.equal(z0.argmax(1), z1.argmax(1))
+        assert torch.allclose(z1, z0 / t, rtol=1e-4, atol=1e-5)
+    assert res.temperature[0] != pytest.approx(1.0, abs=0.05)
+    if tail:  # a Tanh after the last Linear: nothing to fold into, the final exit stays unscaled
+        assert res.temperature[-1] == 1.0 and torch.equal(before[-1], after[-1])
+    else:  # folded into the last stage's last Linear
+        assert res.temperature[-1] != pytest.approx(1.0, abs=0.05)
+
+
 def test_collect_logits_gives_every_exit():
     model, val = mlp(3), data(m=50)
     logits, y = collect_logits(model, val, batch_size=16)

@@ -78,6 +78,24 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
     assert err.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_weights_of_the_wrong_length(tmp_path):
+    # Was a raw ValueError from ExitConfig, after the data set was loaded.
+    with pytest.raises(SystemExit, match=r"error: --weights needs 2 values .* got 3: 1.0,1.0,1.0"):
+        main(["train", "--epochs", "1", "--weights", "1,1,1",
+              "--out", str(tmp_path / "m.pt"), "--quiet"])
+
+
+def test_resume_with_another_freeze_is_an_error_message(tmp_path, capsys):
+    # Was torch's "loaded state dict contains a parameter group that doesn't match" traceback.
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--epochs", "1", "--out", str(ckpt), "--quiet"]) == 0
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", "--out", str(ckpt), "--resume", "--freeze", "backbone", "--quiet"]) == 2
+    assert "trained with freeze=None, this run asks for freeze='backbone'" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
 def test_missing_checkpoint_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
@@ -122,6 +140,20 @@ def test_calibrate_a_checkpoint_without_a_data_set(lenet_ckpt, tmp_path, capsys)
     assert not (tmp_path / "calibration.csv").exists()
     assert main(["calibrate", str(without), "--dataset", "digits", "--out", str(tmp_path)]) == 0
     assert "chosen thresholds" in capsys.readouterr().out and (tmp_path / "calibration.csv").exists()
+
+
+def test_calibrate_value_error_is_an_error_message(lenet_ckpt, tmp_path, monkeypatch):
+    import branchynet.calibrate
+
+    def cannot_fold(model, temperatures, example):  # what a branch with a layer after its Linear gives
+        raise ValueError("branch 0: its logits are not its last nn.Linear's output")
+
+    monkeypatch.setattr(branchynet.calibrate, "fold_temperature", cannot_fold)
+    with_data, _ = lenet_ckpt
+    before = with_data.read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: branch 0: its logits are not its last nn.Linear's output$"):
+        main(["calibrate", str(with_data), "--out", str(tmp_path), "--temperature", "--write"])
+    assert with_data.read_bytes() == before
 
 
 def test_calibrate_min_accuracy(lenet_ckpt, tmp_path, capsys, monkeypatch):

@@ -186,6 +186,23 @@ def test_resume_without_file_starts_fresh(tmp_path, digits8):
               checkpoint=tmp_path / "new.pt", resume=True)
 
 
+@pytest.mark.parametrize("change,msg", [
+    (dict(freeze="backbone"), r"freeze=None, this run asks for freeze='backbone'"),
+    (dict(amp="bf16"), r"amp=None, this run asks for amp='bf16'"),
+    (dict(distill=0.5), r"distill=0.0, this run asks for distill=0.5"),
+    (dict(arch={"name": "tiny_mlp", "kwargs": {"width": 64}}), r"arch=.*'width': 32.*'width': 64"),
+])
+def test_resume_with_other_settings_is_a_checkpoint_error(tmp_path, digits8, change, msg):
+    # Each used to resume silently (amp, distill) or crash in load_state_dict (freeze, arch).
+    m = tiny_mlp()
+    m.arch = {"name": "tiny_mlp", "kwargs": {"width": 32}}
+    train(m, digits8, epochs=1, progress=False, checkpoint=tmp_path / "a.pt")
+    other = tiny_mlp()
+    other.arch = change.pop("arch", m.arch)
+    with pytest.raises(CheckpointError, match=msg):
+        train(other, digits8, epochs=2, progress=False, checkpoint=tmp_path / "a.pt", resume=True, **change)
+
+
 def test_main_first_trains_only_the_final_exit(digits8):
     m = tiny_mlp()
     branch0 = {k: v.clone() for k, v in m.branches[0].state_dict().items()}
