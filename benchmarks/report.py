@@ -109,6 +109,11 @@ def header(data: dict) -> str:
 
 # --- engine suite -----------------------------------------------------------------------
 
+def _iqr_pct(med: float, q1: float, q3: float) -> float:
+    """Interquartile range as a percentage of the median (NaN for a zero median)."""
+    return 100.0 * (q3 - q1) / med if med > 0 else float("nan")
+
+
 def _stats(b: dict) -> tuple:
     s = b["stats"]
     return float(s["median"]), float(s.get("q1", s["median"])), float(s.get("q3", s["median"]))
@@ -129,7 +134,7 @@ def engine_rows(data: dict) -> list:
             "model": ei["model"], "profile": ei["profile"], "batch": int(ei["batch"]),
             "provider": ei.get("provider") or b["name"],
             "ms_per_sample": 1e3 * med / spc,
-            "iqr_pct": 100.0 * (q3 - q1) / med if med > 0 else float("nan"),
+            "iqr_pct": _iqr_pct(med, q1, q3),
             "ideal": ei.get("ideal_speedup"),
             "segment_ms_per_sample": (1e3 * float(ei["segment_s_per_call"]) / spc
                                       if ei.get("segment_s_per_call") else None),
@@ -328,7 +333,7 @@ def fixed_cost_rows(data: dict) -> list:
         med, q1, q3 = _stats(b)
         rows.append({"device": ei.get("device"), "model": ei["model"],
                      "provider": ei.get("provider") or b["name"], "us": 1e6 * med,
-                     "iqr_pct": 100.0 * (q3 - q1) / med if med > 0 else float("nan"),
+                     "iqr_pct": _iqr_pct(med, q1, q3),
                      "ratio_median": ei.get("ratio_median"), "ratio_q1": ei.get("ratio_q1"),
                      "ratio_q3": ei.get("ratio_q3")})
     hand = {(r["device"], r["model"]): r["us"] for r in rows if r["provider"] == "by_hand"}
@@ -380,7 +385,7 @@ def exit_op_rows(data: dict) -> list:
         rows.append({
             "device": ei.get("device"), "batch": int(ei["batch"]), "classes": int(ei["classes"]),
             "provider": ei.get("provider") or b["name"], "seconds": med,
-            "us": 1e6 * med, "iqr_pct": 100.0 * (q3 - q1) / med if med > 0 else float("nan"),
+            "us": 1e6 * med, "iqr_pct": _iqr_pct(med, q1, q3),
             "bytes_moved": moved, "gbps": moved / med / 1e9 if med > 0 else None,
         })
     idx = {(r["device"], r["batch"], r["classes"], r["provider"]): r for r in rows}

@@ -282,6 +282,26 @@ def test_build_force_with_an_extension_loaded_builds_in_a_new_process(monkeypatc
         main(["build", "--force"])
 
 
+def _two_threads(call, started) -> dict:
+    """``{0: call(), 1: call()}`` from two threads, the second started once the first has
+    set ``started`` (it is inside the slow build), so both race for one build."""
+    import threading
+
+    seen = {}
+
+    def run(i):
+        seen[i] = call()
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=run, args=(1,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    return seen
+
+
 def test_load_extension_builds_once_and_a_second_thread_gets_the_build(tmp_path, monkeypatch):
     import threading
     import time
@@ -301,18 +321,7 @@ def test_load_extension_builds_once_and_a_second_thread_gets_the_build(tmp_path,
         return built, {"kind": "cpu", "how": "just in time", "why": ""}
 
     monkeypatch.setattr(_build, "build", slow_build)
-    seen = {}
-
-    def load(i):
-        seen[i] = _build.load_extension(build_if_missing=True)
-
-    first = threading.Thread(target=load, args=(0,))
-    first.start()
-    assert started.wait(10)
-    second = threading.Thread(target=load, args=(1,))
-    second.start()
-    first.join(10)
-    second.join(10)
+    seen = _two_threads(lambda: _build.load_extension(build_if_missing=True), started)
     assert calls == [1] and seen == {0: (built, None), 1: (built, None)}
 
 
@@ -339,18 +348,7 @@ def test_threads_wait_for_the_just_in_time_build(monkeypatch):
     monkeypatch.setattr(ops, "_EXT", None)  # monkeypatch puts the module state back afterwards
     monkeypatch.setattr(ops, "_EXT_ERROR", "not built yet")
     monkeypatch.setattr(ops, "_EXT_TRIED", False)
-    seen = {}
-
-    def ask(i):
-        seen[i] = ops.available_backends("cpu")
-
-    first = threading.Thread(target=ask, args=(0,))
-    first.start()
-    assert started.wait(10)
-    second = threading.Thread(target=ask, args=(1,))
-    second.start()
-    first.join(10)
-    second.join(10)
+    seen = _two_threads(lambda: ops.available_backends("cpu"), started)
     assert calls == [True]
     assert "cpp" in seen[0] and seen[1] == seen[0], seen
 
