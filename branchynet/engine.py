@@ -6,9 +6,18 @@ the exit op writes the leaving samples' results to their original rows and compa
 survivors on the device; the engine reads back one number (the survivor count) and
 gathers the survivors' features, so deeper stages run only on unresolved samples.
 
-With ``compile=`` each stage runs compiled together with its branch and its exit op
-(one graph for a dynamic batch dimension), or, with ``buckets``, as one static graph per
-bucket size on rows padded up to it (CUDA graphs through ``mode="reduce-overhead"``).
+One loop (:meth:`EarlyExitEngine._run`) serves every mode; the modes differ only in how
+a stage's *region* (stage n, branch n, exit op n) is built:
+
+- eager: the modules and the bound exit op (:func:`branchynet.ops.bind`), as they are;
+- ``compile=``: stage + branch + exit op as one graph for a dynamic batch dimension (the
+  exit op is the dispatcher op, traced through its fake; an overriding ``backend`` that
+  the dispatcher would not run on the device stays outside the graph);
+- ``buckets``: stage + branch as one static graph per bucket size, on rows padded up to
+  it (CUDA graphs through ``mode="reduce-overhead"``); the exit op runs on the real rows.
+
+A region takes ``(h, rows, out)`` and returns ``(h, survivors, survivor_rows, count)``;
+``int(count)`` is the one host read-back per exit.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import torch
 
 from .config import check_thresholds, criterion_id
 from .models.branchynet import BranchyNet
-from .ops import kernels, resolve_backend
+from .ops import bind, resolve_backend
+from .ops._backends import new_outputs
 
 __all__ = ["EarlyExitEngine", "ExitResult"]
 
@@ -105,7 +115,8 @@ class EarlyExitEngine:
         # parameter objects survive model.to() / .double(), so its device and dtype follow.
         self._param = self._first_tensor()
         self._aranges: dict = {}  # (B, device) -> arange(B): read-only row maps, reused
-        self._regions: dict = {}  # backend name -> compiled stage+branch(+exit op) per exit
+        self._regions: dict = {}  # (device, compiled) -> one region per exit
+        self._static: dict = {}  # exit -> static-shape compiled stage + branch (buckets)
         self._specs: dict = {}  # (device, dtype, autocast) -> (C, logits dtype), checked once
         self.backend = backend
 
@@ -117,7 +128,7 @@ class EarlyExitEngine:
     def criterion(self, value: str) -> None:
         self._cid = criterion_id(value)
         self._criterion = value
-        self._drop_graphs_with_constants()
+        self._regions = {}  # they hold the criterion (a graph's constant)
 
     @property
     def compile_options(self) -> dict | None:
@@ -138,14 +149,11 @@ class EarlyExitEngine:
     @thresholds.setter
     def thresholds(self, value: Sequence[float]) -> None:
         self._thresholds = check_thresholds(value, self.num_exits)
-        self._drop_graphs_with_constants()
-
-    def _drop_graphs_with_constants(self) -> None:
-        # The dynamic-batch regions hold the thresholds and the criterion as constants
-        # (a float argument would be guarded on its value anyway): rebuild them, with
-        # fresh code objects, rather than pile up recompiles on the old ones.
-        if getattr(self, "_buckets", None) is None and getattr(self, "_regions", None):
-            self._regions.clear()
+        # The regions hold the thresholds: a dynamic-batch graph as constants (a float
+        # argument would be guarded on its value anyway), so it is rebuilt with fresh code
+        # objects rather than piling up recompiles on the old ones. The static graphs of
+        # buckets do not hold them and are kept.
+        self._regions = {}
 
     @property
     def backend(self) -> str:
@@ -158,11 +166,19 @@ class EarlyExitEngine:
             # Refuse an unknown or unavailable backend now, not at the next call.
             resolve_backend(value, self._device())
         self._backend = value
-        self._resolved: dict = {}  # device -> (backend name, exit_step, gather_rows)
+        self._ops: dict = {}  # device -> the bound exit op (branchynet.ops.ExitOp)
+        self._regions = {}
 
     def backend_for(self, device: torch.device | str) -> str:
         """The backend that runs the exit op for inputs on ``device``."""
-        return self._kernels(torch.device(device))[0]
+        return self._op(torch.device(device)).backend
+
+    def _op(self, device: torch.device):
+        # Resolved once per device: the lookup costs ~10 us, a B=1 LeNet sample ~200 us.
+        op = self._ops.get(device)
+        if op is None:
+            op = self._ops[device] = bind(device, self._backend)
+        return op
 
     def _first_tensor(self) -> torch.Tensor | None:
         p = next(self.model.parameters(), None)
@@ -182,20 +198,6 @@ class EarlyExitEngine:
                 self._aranges.clear()
             r = self._aranges[key] = torch.arange(b, device=device)
         return r
-
-    def _kernels(self, device: torch.device):
-        # Resolved once per device: the lookup costs ~10 us, a B=1 LeNet sample ~200 us.
-        got = self._resolved.get(device)
-        if got is None:
-            name = resolve_backend(self.backend, device)
-            step, gather = kernels(name)
-            if name == "cpp":
-                # The CPU kernel makes the logits contiguous itself: call the op's C++
-                # entry point directly (one Python frame less, ~0.7 us per exit).
-                op = _ext_exit_op()
-                step = getattr(op, "_op", op)
-            got = self._resolved[device] = (name, step, gather)
-        return got
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -246,87 +248,166 @@ class EarlyExitEngine:
         """
         self._check_input(x)
         with _inference_mode(True):
-            if self._compile is not None and x.shape[0] > 0:
-                if self._buckets is not None:
-                    return self._run_padded(x)
-                return self._run_compiled(x)
-            return self._run(x)
+            if self._compile is None or x.shape[0] == 0:
+                return self._run(x, self._regions_for(x.device, False), [])
+            c, dtype = self._spec(x)
+            out = new_outputs(x.shape[0], c, dtype, x.device)
+            if self._buckets is None:
+                return self._run(x, self._regions_for(x.device, True), out)
+            if self._cudagraphs():
+                torch.compiler.cudagraph_mark_step_begin()
+            return self._run(x, self._regions_for(x.device, True), out, padded=True)
 
-    def _run(self, x: torch.Tensor) -> ExitResult:
-        dev = x.device
-        backend, step, gather = self._kernels(dev)
-        cid = self._cid
-        thresholds = self._thresholds
-        last_n = self.num_exits - 1
+    def _run(self, x: torch.Tensor, regions: list, out: list, padded: bool = False) -> ExitResult:
+        """The one compaction loop: region n (stage, branch, exit op) on the rows still in
+        flight, then the survivors gathered for region n + 1.
+
+        Args:
+            x: [B, ...] the batch.
+            regions: one per exit: ``(h, rows, out) -> (h, survivors, survivor_rows, count)``.
+            out: the four output buffers of B rows, or an empty list for the first exit
+                op to fill.
+            padded: the regions run static graphs: survivors are gathered padded up to
+                their bucket (:meth:`_pad`).
+        """
         b = x.shape[0]
-        rows = self._rows(b, dev)
+        rows = self._rows(b, x.device)
+        gather = self._op(x.device).gather
+        last_n = self.num_exits - 1
         counts = [0] * self.num_exits
-        out = None
-        h = x
-        k = b
-        # The C++ kernel called without the dispatcher, allocating the outputs itself at the
-        # first exit and returning the count as an int (~8 us less per call at B = 1); a
-        # trace of the engine (torch.compile of a caller) sees the registered op instead.
-        direct = _direct_step() if backend == "cpp" and not _is_compiling() else None
-        # The ModuleLists' own iteration, without two nn.Module.__getattr__ and
-        # ModuleList.__iter__ calls (~1 us at B = 1).
-        mods = self.model._modules
-        pairs = zip(mods["stages"]._modules.values(), mods["branches"]._modules.values())
-        for n, (stage, branch) in enumerate(pairs):
-            last = n == last_n
-            h = stage(h)
-            z = branch(h)
-            if direct is not None:
-                if out is None:
-                    if z.dim() != 2:
-                        _alloc_outputs(b, z)  # its error
-                    survivors, survivor_rows, k_next, *out = direct(
-                        z, rows, 0.0 if last else thresholds[n], cid, n, last)
-                else:
-                    if z.dtype != out[0].dtype:
-                        raise TypeError(f"branch {n} returns {z.dtype} logits but branch 0 returns "
-                                        f"{out[0].dtype}; every exit must return one dtype")
-                    if k == 0:
-                        break
-                    survivors, survivor_rows, k_next = direct(
-                        z, rows, 0.0 if last else thresholds[n], cid, n, last, *out)
-                if last:
-                    counts[n] = k
-                    break
-                counts[n] = k - k_next
-                k = k_next
-                if k == 0:
-                    break
-                rows = survivor_rows[:k]
-                h = gather(h, survivors[:k])
-                continue
-            if out is None:
-                out = _alloc_outputs(b, z)
-                if z.dtype == torch.float64 and backend == "triton":
-                    raise TypeError("backend 'triton' takes float32/float16/bfloat16 logits; "
-                                    "the model returns float64")
-            elif z.dtype != out[0].dtype:
-                raise TypeError(f"branch {n} returns {z.dtype} logits but branch 0 returns "
-                                f"{out[0].dtype}; every exit must return one dtype")
-            if k == 0:
-                break
-            threshold = 0.0 if last else thresholds[n]
-            survivors, survivor_rows, count = step(z, rows, threshold, cid, n, last, *out)
-            if last:
+        h, k = (self._pad(x, rows, gather) if padded else x), b
+        for n, region in enumerate(regions):
+            h, survivors, survivor_rows, count = region(h, rows, out)
+            if n == last_n:
                 counts[n] = k
                 break
-            # The one host read-back per exit: the survivor count (8 bytes).
-            k_next = int(count.item())
+            k_next = int(count)  # the one host read-back per exit: the survivor count
             counts[n] = k - k_next
             k = k_next
             if k == 0:
                 break
             rows = survivor_rows[:k]
-            h = gather(h, survivors[:k])
-        logits, pred, ex, ent = out
-        return ExitResult(logits=logits, pred=pred, exit=ex, entropy=ent, counts=counts)
+            h = self._pad(h, survivors[:k], gather) if padded else gather(h, survivors[:k])
+        return ExitResult(logits=out[0], pred=out[1], exit=out[2], entropy=out[3], counts=counts)
 
-    # -- compiled stages -----------------------------------------------------------------
+    # -- regions ---------------------------------------------------------------------------
+
+    def _regions_for(self, device: torch.device, compiled: bool) -> list:
+        key = (device, compiled)
+        regions = self._regions.get(key)
+        if regions is None:
+            op = self._op(device)
+            if not compiled:
+                make = self._eager_region
+            else:
+                make = self._compiled_region if self._buckets is None else self._bucket_region
+            regions = self._regions[key] = [make(n, op) for n in range(self.num_exits)]
+        return regions
+
+    def _exit_args(self, n: int) -> tuple:
+        """``(stage, branch, threshold, criterion id, last)`` of exit n."""
+        last = n == self.num_exits - 1
+        return (self.model.stages[n], self.model.branches[n], 0.0 if last else self._thresholds[n],
+                self._cid, last)
+
+    def _eager_region(self, n: int, op):
+        stage, branch, threshold, cid, last = self._exit_args(n)
+        step = op.step
+
+        def region(h, rows, out):
+            h = stage(h)
+            z = branch(h)
+            if not out:
+                if z.dim() != 2:
+                    raise ValueError(f"every branch must return logits [B, C], got shape {tuple(z.shape)}")
+            elif z.dtype != out[0].dtype:
+                raise _dtype_mismatch(n, z.dtype, out[0].dtype)
+            return (h, *step(z, rows, threshold, n, out, cid, last))
+        return region
+
+    def _compiled_region(self, n: int, op):
+        """Stage, branch and exit op compiled once for a dynamic batch dimension; one row
+        runs the eager region (a graph for size 1 would be one more compile, and at one
+        row the guards cost more than the kernels save)."""
+        stage, branch, threshold, cid, last = self._exit_args(n)
+        eager = self._eager_region(n, op)
+        kwargs = dict(self._compile, dynamic=True)
+        if op.traceable is not None:
+            exit_op = op.traceable
+
+            def fn(h, rows, out_logits, out_pred, out_exit, out_entropy):
+                h = stage(h)
+                survivors, survivor_rows, count = exit_op(branch(h), rows, threshold, n, out_logits, out_pred,
+                                                          out_exit, out_entropy, criterion=cid, last=last)
+                return h, survivors, survivor_rows, count
+            graph = torch.compile(_own_code(fn, f"exit{n}_region"), **kwargs)
+
+            def compiled(h, rows, out):
+                return graph(h, rows, *out)
+        else:
+            # A backend override that the dispatcher would not run on this device: its
+            # Python implementation stays out of the graph.
+            def fn(h):
+                h = stage(h)
+                return h, branch(h)
+            graph = torch.compile(_own_code(fn, f"exit{n}_stage"), **kwargs)
+            step = op.step
+
+            def compiled(h, rows, out):
+                h, z = graph(h)
+                return (h, *step(z, rows, threshold, n, out, cid, last))
+
+        def region(h, rows, out):
+            return (eager if rows.shape[0] == 1 else compiled)(h, rows, out)
+        region.eager = eager
+        return region
+
+    def _static_graph(self, n: int):
+        """Stage n and its branch compiled for static shapes (one graph per bucket size)."""
+        graph = self._static.get(n)
+        if graph is None:
+            stage, branch = self.model.stages[n], self.model.branches[n]
+
+            def fn(h):
+                h = stage(h)
+                return h, branch(h)
+            graph = self._static[n] = torch.compile(_own_code(fn, f"exit{n}_static"),
+                                                    **dict(self._compile, dynamic=False))
+        return graph
+
+    def _bucket_region(self, n: int, op):
+        """The static graph on the padded rows; the exit op outside it on the real rows
+        only (a graph that mutated its inputs would not be captured anyway)."""
+        _, _, threshold, cid, last = self._exit_args(n)
+        graph, step = self._static_graph(n), op.step
+
+        def region(h, rows, out):
+            k = rows.shape[0]
+            h, z = graph(h)
+            if z.dim() == 2 and z.shape[0] != k:
+                z = z[:k]  # the padded rows stop here: never written, never counted
+            return (h, *step(z, rows, threshold, n, out, cid, last))
+        return region
+
+    def _bucket(self, k: int) -> int:
+        rule = self._buckets
+        if rule == "pow2":
+            return 1 << (k - 1).bit_length()
+        for size in rule:
+            if size >= k:
+                return size
+        return -(-k // rule[-1]) * rule[-1]
+
+    def _pad(self, h: torch.Tensor, index: torch.Tensor, gather) -> torch.Tensor:
+        """``h[index]`` with rows appended up to the bucket of ``len(index)`` (copies of
+        row 0 of ``h``: real numbers, so the padded rows run like any other and are dropped)."""
+        k = index.shape[0]
+        kp = self._bucket(k)
+        if kp == k == h.shape[0]:
+            return h
+        if kp > k:
+            index = torch.nn.functional.pad(index, (0, kp - k))
+        return gather(h, index)
 
     def _spec(self, x: torch.Tensor) -> tuple:
         """``(C, logits dtype)`` for inputs like ``x``, from one eager pass of every stage
@@ -347,146 +428,12 @@ class EarlyExitEngine:
                 if first is None:
                     first = z
                 elif z.dtype != first.dtype:
-                    raise TypeError(f"branch {n} returns {z.dtype} logits but branch 0 returns "
-                                    f"{first.dtype}; every exit must return one dtype")
+                    raise _dtype_mismatch(n, z.dtype, first.dtype)
                 elif z.shape[1] != first.shape[1]:
                     raise ValueError(f"branch {n} returns {z.shape[1]} classes but branch 0 returns "
                                      f"{first.shape[1]}; every exit must return one C")
-            if first.dtype == torch.float64 and self._kernels(x.device)[0] == "triton":
-                raise TypeError("backend 'triton' takes float32/float16/bfloat16 logits; "
-                                "the model returns float64")
             spec = self._specs[key] = (first.shape[1], first.dtype)
         return spec
-
-    def _regions_for(self, backend: str) -> list:
-        regions = self._regions.get(backend)
-        if regions is None:
-            regions = self._regions[backend] = [self._make_region(n, backend) for n in range(self.num_exits)]
-        return regions
-
-    def _make_region(self, n: int, backend: str) -> tuple:
-        """``(compiled, plain)``: stage n and its branch (and, for a dynamic batch, its
-        exit op), compiled and as the same function uncompiled (the one-row path: a
-        graph for size 1 would be one more compile, and at one row the guards cost more
-        than the kernels save)."""
-        stage, branch = self.model.stages[n], self.model.branches[n]
-        last = n == self.num_exits - 1
-        threshold = 0.0 if last else self._thresholds[n]
-        cid = self._cid
-        if self._buckets is not None:
-            # Static graphs, one per bucket; the exit op runs outside on the real rows
-            # only (and a graph that mutated its inputs would not be captured anyway).
-            def region(h):
-                h = stage(h)
-                return h, branch(h)
-            dynamic = False
-        elif backend in ("cpp", "cuda"):
-            op = _ext_exit_op()
-
-            def region(h, rows, out_logits, out_pred, out_exit, out_entropy):
-                h = stage(h)
-                survivors, survivor_rows, count = op(branch(h), rows, threshold, cid, n, last,
-                                                     out_logits, out_pred, out_exit, out_entropy)
-                return h, survivors, survivor_rows, count
-            dynamic = True
-        else:
-            from .ops._custom import exit_step_op
-
-            op = exit_step_op()
-
-            def region(h, rows, out_logits, out_pred, out_exit, out_entropy):
-                h = stage(h)
-                survivors, survivor_rows, count = op(branch(h), rows, threshold, cid, n, last, backend,
-                                                     out_logits, out_pred, out_exit, out_entropy)
-                return h, survivors, survivor_rows, count
-            dynamic = True
-        kwargs = dict(self._compile)
-        kwargs["dynamic"] = dynamic
-        return torch.compile(_own_code(region, f"exit{n}_region"), **kwargs), region
-
-    def _run_compiled(self, x: torch.Tensor) -> ExitResult:
-        dev = x.device
-        backend, _, gather = self._kernels(dev)
-        c, dtype = self._spec(x)
-        regions = self._regions_for(backend)
-        b = x.shape[0]
-        out = _empty_outputs(b, c, dtype, dev)
-        rows = self._rows(b, dev)
-        last_n = self.num_exits - 1
-        counts = [0] * self.num_exits
-        h, k = x, b
-        for n, (compiled, plain) in enumerate(regions):
-            last = n == last_n
-            h, survivors, survivor_rows, count = (plain if k == 1 else compiled)(h, rows, *out)
-            if last:
-                counts[n] = k
-                break
-            k_next = int(count.item())
-            counts[n] = k - k_next
-            k = k_next
-            if k == 0:
-                break
-            rows = survivor_rows[:k]
-            h = gather(h, survivors[:k])
-        return ExitResult(logits=out[0], pred=out[1], exit=out[2], entropy=out[3], counts=counts)
-
-    def _bucket(self, k: int) -> int:
-        rule = self._buckets
-        if rule == "pow2":
-            return 1 << (k - 1).bit_length()
-        for size in rule:
-            if size >= k:
-                return size
-        return -(-k // rule[-1]) * rule[-1]
-
-    def _pad(self, h: torch.Tensor, index: torch.Tensor, k: int, gather) -> torch.Tensor:
-        """``h[index[:k]]`` with rows appended up to the bucket of k (copies of row 0 of
-        ``h``: real numbers, so the padded rows run like any other and are dropped)."""
-        kp = self._bucket(k)
-        idx = index[:k]
-        if kp > k:
-            idx = torch.nn.functional.pad(idx, (0, kp - k))
-        return gather(h, idx)
-
-    def _run_padded(self, x: torch.Tensor) -> ExitResult:
-        dev = x.device
-        backend, step, gather = self._kernels(dev)
-        regions = self._regions_for(backend)
-        if self._cudagraphs():
-            torch.compiler.cudagraph_mark_step_begin()
-        b = x.shape[0]
-        rows = self._rows(b, dev)
-        h = x if self._bucket(b) == b else self._pad(x, rows, b, gather)
-        cid, thresholds, last_n = self._cid, self._thresholds, self.num_exits - 1
-        counts = [0] * self.num_exits
-        out = None
-        k = b
-        for n, (region, _) in enumerate(regions):
-            last = n == last_n
-            h, z = region(h)
-            if z.dim() == 2 and z.shape[0] != k:
-                z = z[:k]  # the padded rows stop here: never written, never counted
-            if out is None:
-                out = _alloc_outputs(b, z)
-                if z.dtype == torch.float64 and backend == "triton":
-                    raise TypeError("backend 'triton' takes float32/float16/bfloat16 logits; "
-                                    "the model returns float64")
-            elif z.dtype != out[0].dtype:
-                raise TypeError(f"branch {n} returns {z.dtype} logits but branch 0 returns "
-                                f"{out[0].dtype}; every exit must return one dtype")
-            survivors, survivor_rows, count = step(z, rows, 0.0 if last else thresholds[n], cid, n, last, *out)
-            if last:
-                counts[n] = k
-                break
-            k_next = int(count.item())
-            counts[n] = k - k_next
-            k = k_next
-            if k == 0:
-                break
-            rows = survivor_rows[:k]
-            h = self._pad(h, survivors, k, gather)
-        logits, pred, ex, ent = out
-        return ExitResult(logits=logits, pred=pred, exit=ex, entropy=ent, counts=counts)
 
     def _cudagraphs(self) -> bool:
         return self._compile is not None and self._compile.get("mode") == "reduce-overhead"
@@ -542,32 +489,30 @@ class EarlyExitEngine:
     def _warmup(self, sizes: list, inputs: dict) -> None:
         first = next(iter(inputs.values()))[0]
         dev = first.device
-        backend, _, _ = self._kernels(dev)
-        regions = self._regions_for(backend)
-
         if self._buckets is not None:
+            graphs = [self._static_graph(n) for n in range(self.num_exits)]
             for kp in sorted(inputs):
                 for x in inputs[kp]:
                     for _ in range(3 if self._cudagraphs() else 1):  # cudagraph trees record on a later call
                         if self._cudagraphs():
                             torch.compiler.cudagraph_mark_step_begin()
                         h = x
-                        for region, _ in regions:
-                            h, _ = region(h)
+                        for graph in graphs:
+                            h, _ = graph(h)
             return
+        regions = self._regions_for(dev, True)
         c, dtype = self._spec(first)
         for b in sorted(set(sizes)):
-            out = _empty_outputs(b, c, dtype, dev)
+            out = new_outputs(b, c, dtype, dev)
             for k in _warm_counts(b):
                 if k == 1:
                     continue  # one row runs uncompiled
                 rows = self._rows(k, dev)
-                compiled, plain = regions[0]
                 for x in inputs[k]:
                     # The first stage always sees the whole batch: k < b only from stage 2 on.
-                    h = (compiled if k == b else plain)(x, rows, *out)[0]
-                for compiled, _ in regions[1:]:
-                    h = compiled(h, rows, *out)[0]
+                    h = (regions[0] if k == b else regions[0].eager)(x, rows, out)[0]
+                for region in regions[1:]:
+                    h = region(h, rows, out)[0]
 
     @torch.inference_mode()
     def per_sample(self, x: torch.Tensor) -> ExitResult:
@@ -578,9 +523,10 @@ class EarlyExitEngine:
         is timed against.
         """
         self._check_input(x)
+        regions = self._regions_for(x.device, False)
         if x.shape[0] == 0:
-            return self._run(x)
-        results = [self._run(x[i:i + 1]) for i in range(x.shape[0])]
+            return self._run(x, regions, [])
+        results = [self._run(x[i:i + 1], regions, []) for i in range(x.shape[0])]
         return ExitResult(
             logits=torch.cat([r.logits for r in results]),
             pred=torch.cat([r.pred for r in results]),
@@ -590,33 +536,17 @@ class EarlyExitEngine:
         )
 
 
-# torch.inference_mode's own C++ guard: the Python class costs ~1 us more per call
-# (a decorator-capable object built and entered each time).
+# torch.inference_mode's own C++ guard (private API): entering the public context manager
+# costs ~1.5 us more per call (2.6 against 1.0 us, a 2-core Xeon VM, torch 2.13), 6 % of the
+# engine's budget at B = 1 (10 % of a ~250 us B-LeNet stage 1 + branch 1). Its effect is
+# tested (the results are inference tensors, tests/test_ops_bound.py); a torch without it
+# gets the public one.
 _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
-# torch.compiler.is_compiling is torch >= 2.3; before it nothing traces the eager engine's
-# loop with the direct entry in it that we could detect, so False.
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
-def _alloc_outputs(b: int, z: torch.Tensor):
-    if z.dim() != 2:
-        raise ValueError(f"every branch must return logits [B, C], got shape {tuple(z.shape)}")
-    c = z.shape[1]
-    return (
-        torch.empty(b, c, dtype=z.dtype, device=z.device),
-        torch.empty(b, dtype=torch.int64, device=z.device),
-        torch.empty(b, dtype=torch.int64, device=z.device),
-        torch.empty(b, dtype=torch.float32, device=z.device),
-    )
-
-
-def _empty_outputs(b: int, c: int, dtype: torch.dtype, device: torch.device):
-    return (
-        torch.empty(b, c, dtype=dtype, device=device),
-        torch.empty(b, dtype=torch.int64, device=device),
-        torch.empty(b, dtype=torch.int64, device=device),
-        torch.empty(b, dtype=torch.float32, device=device),
-    )
+def _dtype_mismatch(n: int, got: torch.dtype, first: torch.dtype) -> TypeError:
+    return TypeError(f"branch {n} returns {got} logits but branch 0 returns {first}; "
+                     f"every exit must return one dtype")
 
 
 def _first_stage_inputs(x: torch.Tensor, k: int) -> list:
@@ -692,20 +622,3 @@ def _own_code(fn, name: str):
     if hasattr(code, "co_qualname"):
         repl["co_qualname"] = name
     return types.FunctionType(code.replace(**repl), fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
-def _ext_exit_op():
-    return torch.ops.branchynet.exit_step.default
-
-
-def _direct_step():
-    """The extension's ``exit_step_direct`` (csrc/exit_step.cpp), or None (an older build)."""
-    global _DIRECT
-    if _DIRECT is None:  # looked up until found: the extension may be built on first use
-        from . import ops
-
-        _DIRECT = getattr(getattr(ops, "_EXT", None), "exit_step_direct", None)
-    return _DIRECT
-
-
-_DIRECT = None

@@ -1,14 +1,14 @@
-// The branchynet op library: schemas (once, here), the CPU kernels, and the import-only
+// The branchynet op library: the CPU kernels, and the import-only
 // Python module `branchynet._C`.
 //
-// Importing `branchynet._C` runs the TORCH_LIBRARY registrations below (and those of
-// csrc/cuda/exit_step.cu in a CUDA build), which makes torch.ops.branchynet.* real
-// dispatcher ops: torch.compile sees them through the fakes of branchynet/ops/_fake.py.
-// The module itself exposes has_cuda() and exit_step_direct() (the eager engine's entry).
+// Importing `branchynet._C` runs the TORCH_LIBRARY_IMPL registrations below (and those of
+// csrc/cuda/exit_step.cu in a CUDA build): the CPU (and CUDA) implementations of the ops
+// torch.ops.branchynet.* whose schemas and fakes live in branchynet/ops/_library.py.
+// The module itself exposes has_cuda() and exit_step_direct() (see below).
 //
-// The CPU kernels are the `cpp` backend of branchynet.ops (6-20x the PyTorch path on the
-// CPU: one pass per row, no temporaries), and they let the registration (schema, fake,
-// opcheck, torch.compile) be tested on machines without a GPU. Their math mirrors
+// The CPU kernels are the `cpp` backend of branchynet.ops (one pass per row, no
+// temporaries; measured against the PyTorch path in benchmarks/), and they let the
+// registration (schema, fake, opcheck, torch.compile) be tested on machines without a GPU. Their math mirrors
 // csrc/cuda/exit_step.cu term by term.
 
 #include <Python.h>
@@ -55,9 +55,9 @@ inline T nan_max(T a, T b) {
 // The CPU kernel; returns (survivors, survivor_rows, count). The registered op wraps the
 // count in a tensor, the direct entry (exit_step_direct below) returns it as an int.
 std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
-    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t criterion,
-    int64_t exit_index, bool last, const at::Tensor& out_logits, const at::Tensor& out_pred,
-    const at::Tensor& out_exit, const at::Tensor& out_entropy) {
+    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t exit_index,
+    const at::Tensor& out_logits, const at::Tensor& out_pred, const at::Tensor& out_exit,
+    const at::Tensor& out_entropy, int64_t criterion, bool last) {
   TORCH_CHECK(logits.device().is_cpu(), "branchynet::exit_step (CPU): logits must be on the CPU");
   const ExitStepShape shape = check_exit_step_args(logits, rows, threshold, criterion, out_logits,
                                                    out_pred, out_exit, out_entropy);
@@ -161,11 +161,11 @@ std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
-    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t criterion,
-    int64_t exit_index, bool last, const at::Tensor& out_logits, const at::Tensor& out_pred,
-    const at::Tensor& out_exit, const at::Tensor& out_entropy) {
+    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t exit_index,
+    const at::Tensor& out_logits, const at::Tensor& out_pred, const at::Tensor& out_exit,
+    const at::Tensor& out_entropy, int64_t criterion, bool last) {
   auto [survivors, survivor_rows, n] = exit_step_cpu_impl(
-      logits, rows, threshold, criterion, exit_index, last, out_logits, out_pred, out_exit, out_entropy);
+      logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last);
   at::Tensor count = at::empty({1}, rows.options());
   count.mutable_data_ptr<int64_t>()[0] = n;
   return {survivors, survivor_rows, count};
@@ -196,15 +196,10 @@ at::Tensor gather_rows_cpu(const at::Tensor& features, const at::Tensor& index) 
 }  // namespace
 }  // namespace branchynet
 
-TORCH_LIBRARY(branchynet, m) {
-  // out_* are written in place (only at the rows that leave); the three returns are new.
-  m.def(
-      "exit_step(Tensor logits, Tensor rows, float threshold, int criterion, int exit_index, "
-      "bool last, Tensor(a!) out_logits, Tensor(b!) out_pred, Tensor(c!) out_exit, "
-      "Tensor(d!) out_entropy) -> (Tensor, Tensor, Tensor)");
-  m.def("gather_rows(Tensor features, Tensor index) -> Tensor");
-}
-
+// The schemas are defined once, in Python (branchynet/ops/_library.py), so that the op
+// exists with or without this extension; here only the CPU implementations are registered.
+// The C++ arguments follow the schema: positional ones, then the keyword-only criterion
+// and last.
 TORCH_LIBRARY_IMPL(branchynet, CPU, m) {
   m.impl("exit_step", &branchynet::exit_step_cpu);
   m.impl("gather_rows", &branchynet::gather_rows_cpu);
@@ -217,36 +212,41 @@ TORCH_LIBRARY_IMPL(branchynet, CPU, m) {
 
 namespace {
 
-// exit_step_direct(logits, rows, threshold, criterion, exit_index, last
-//                  [, out_logits, out_pred, out_exit, out_entropy])
-// The CPU kernel called straight from Python, for the eager engine: no dispatcher, no
-// count tensor. At B = 1 the dispatcher path (schema parsing, out-argument handling, a
-// cold path after the convolutions) and the four output allocations from Python were
-// ~11 us of a ~100 us B-LeNet sample. Without the out_* buffers it allocates them with
-// B = K rows (the first exit, whose rows are 0..K-1) and returns them after the three
-// results: (survivors, survivor_rows, count[, out_logits, out_pred, out_exit,
-// out_entropy]), count a Python int. Same checks and errors as the op. Not for
-// tracing: torch.compile sees torch.ops.branchynet.exit_step.
+// exit_step_direct(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit,
+//                  out_entropy, criterion, last)
+// The CPU kernel called straight from Python, in the op's argument order, for
+// branchynet.ops' bound exit op (the eager engine's step): no dispatcher, no count tensor.
+// At B = 1 the dispatcher path (schema parsing, out-argument handling, a cold path after
+// the convolutions) and four output allocations from Python were ~11 us of a ~100 us
+// B-LeNet sample. With the four out_* None it allocates them with B = K rows (the first
+// exit, whose rows are 0..K-1) and returns them after the three results: (survivors,
+// survivor_rows, count[, out_logits, out_pred, out_exit, out_entropy]), count a Python
+// int. Same checks and errors as the op. Not traceable: under torch.compile the bound op
+// calls torch.ops.branchynet.exit_step instead.
 PyObject* exit_step_direct(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *logits_o, *rows_o, *ol_o = nullptr, *op_o = nullptr, *oe_o = nullptr, *oh_o = nullptr;
+  PyObject *logits_o, *rows_o, *ol_o, *op_o, *oe_o, *oh_o;
   double threshold;
   long long criterion, exit_index;
   int last;
-  if (!PyArg_ParseTuple(args, "OOdLLp|OOOO:exit_step_direct", &logits_o, &rows_o, &threshold, &criterion,
-                        &exit_index, &last, &ol_o, &op_o, &oe_o, &oh_o)) {
+  if (!PyArg_ParseTuple(args, "OOdLOOOOLp:exit_step_direct", &logits_o, &rows_o, &threshold, &exit_index,
+                        &ol_o, &op_o, &oe_o, &oh_o, &criterion, &last)) {
     return nullptr;
   }
-  const bool alloc = ol_o == nullptr;
-  if (!alloc && oh_o == nullptr) {
-    PyErr_SetString(PyExc_TypeError, "exit_step_direct: pass all four out_* buffers or none");
+  const bool alloc = ol_o == Py_None;
+  if (alloc != (op_o == Py_None) || alloc != (oe_o == Py_None) || alloc != (oh_o == Py_None)) {
+    PyErr_SetString(PyExc_TypeError, "exit_step_direct: pass all four out_* buffers or four None");
     return nullptr;
   }
   for (PyObject* o : {logits_o, rows_o, ol_o, op_o, oe_o, oh_o}) {
-    if (o != nullptr && !THPVariable_Check(o)) {
+    if (o != Py_None && !THPVariable_Check(o)) {
       PyErr_SetString(PyExc_TypeError, "exit_step_direct: tensors expected");
       return nullptr;
     }
+  }
+  if (logits_o == Py_None || rows_o == Py_None) {
+    PyErr_SetString(PyExc_TypeError, "exit_step_direct: logits and rows must be tensors");
+    return nullptr;
   }
   const at::Tensor& logits = THPVariable_Unpack(logits_o);
   const at::Tensor& rows = THPVariable_Unpack(rows_o);
@@ -271,8 +271,8 @@ PyObject* exit_step_direct(PyObject* /*self*/, PyObject* args) {
     const bool release = logits.numel() > 65536;
     PyThreadState* state = release ? PyEval_SaveThread() : nullptr;
     try {
-      res = branchynet::exit_step_cpu_impl(logits, rows, threshold, criterion, exit_index, last != 0, out_logits,
-                               out_pred, out_exit, out_entropy);
+      res = branchynet::exit_step_cpu_impl(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit,
+                                           out_entropy, criterion, last != 0);
     } catch (...) {
       if (state != nullptr) PyEval_RestoreThread(state);
       throw;

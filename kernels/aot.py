@@ -249,8 +249,8 @@ def count_variants(c: int, dtype: str = "fp32", criterion: int = 0, last: bool =
                torch.empty(b, dtype=torch.int64), torch.empty(b))
         rows_buf = torch.arange(b)
         for k in ks:
-            tk.exit_step_triton(torch.empty(k, c, dtype=dt), rows_buf[:k], 0.5, criterion, 1 + k % 2,
-                                last, *out)
+            tk.exit_step_triton(torch.empty(k, c, dtype=dt), rows_buf[:k], 0.5, 1 + k % 2, *out,
+                                criterion=criterion, last=last)
     finally:
         tk._exit_step_tile_kernel, tk._exit_step_chunked_kernel = saved
     return len(keys), grids

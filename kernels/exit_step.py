@@ -316,13 +316,13 @@ def exit_step_triton(
     logits: torch.Tensor,
     rows: torch.Tensor,
     threshold: float,
-    criterion: int,
     exit_index: int,
-    last: bool,
     out_logits: torch.Tensor,
     out_pred: torch.Tensor,
     out_exit: torch.Tensor,
     out_entropy: torch.Tensor,
+    criterion: int = 0,
+    last: bool = False,
 ):
     """The exit op in one Triton launch. Same contract as
     :func:`branchynet.ops.exit_step` (criterion as its integer id), which validates the
@@ -333,7 +333,8 @@ def exit_step_triton(
         the survivors' order is whatever order the programs' atomics ran in.
     """
     if logits.dtype not in _SUPPORTED:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+        # The one place this limit is checked: fp64 has no fast path on GPUs.
+        raise TypeError(f"backend 'triton' takes float32, float16 or bfloat16 logits, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must have shape [K, C] with C >= 1, got {tuple(logits.shape)}")
     if criterion not in (0, 1, 2):

@@ -85,8 +85,8 @@ def test_compiled_small_and_empty_batches(compiled):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_exit_op_in_the_graph_without_break(backend):
-    # fullgraph=True raises at the first graph break: the exit op (the extension's, or
-    # the torch reference through its registered custom op) must trace as one op.
+    # fullgraph=True raises at the first graph break: the exit op (the dispatcher op, or
+    # an override's Python implementation kept outside the graph) must not break it.
     model = mlp(1)
     eng = EarlyExitEngine(model, [0.9, 1.3], backend=backend,
                           compile={"backend": "aot_eager", "fullgraph": True})
@@ -95,21 +95,16 @@ def test_exit_op_in_the_graph_without_break(backend):
         assert_same(eng(x), ref(x))
 
 
-def test_python_exit_op_registration():
-    from branchynet.ops._custom import exit_step_op
-
-    op = exit_step_op()
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 5, generator=g) * 3
-    rows = torch.tensor([6, 0, 3, 1, 5, 2, 4])
-    out = (torch.zeros(9, 5), torch.zeros(9, dtype=torch.int64),
-           torch.full((9,), -1, dtype=torch.int64), torch.zeros(9))
-    torch.library.opcheck(op, (logits, rows, 0.8, 0, 2, False, "torch", *out))
-    s, r, c = op(logits, rows, 0.8, 0, 2, False, "torch", *out)
-    leave = entropy(logits) < 0.8
-    assert int(c) == int((~leave).sum())
-    assert torch.equal(out[2][rows[leave]], torch.full((int(leave.sum()),), 2))
-    assert (out[2][rows[~leave]] == -1).all()
+def test_override_outside_the_graph_equals_eager():
+    # backend="torch" on the CPU, where the dispatcher runs the C++ kernel: the override's
+    # Python implementation runs outside the compiled stage (fullgraph still holds).
+    model = mlp(1)
+    eng = EarlyExitEngine(model, [0.9, 1.3], backend="torch",
+                          compile={"backend": "aot_eager", "fullgraph": True})
+    assert eng.backend_for("cpu") == "torch"
+    ref = EarlyExitEngine(model, [0.9, 1.3], backend="torch")
+    for x in batches(3, 16, seed=3):
+        assert_same(eng(x), ref(x))
 
 
 def test_thresholds_change_rebuilds_the_compiled_stages():
@@ -169,15 +164,15 @@ def test_padded_rows_never_reach_the_exit_op(monkeypatch):
     # Spy on the exit op: it must only ever see the real rows, never a bucket's padding.
     model = mlp(4)
     eng = EarlyExitEngine(model, [0.9, 1.2], backend="torch", compile={"backend": "eager"}, buckets=[8])
-    name, step, gather = eng._kernels(torch.device("cpu"))
+    op = eng._op(torch.device("cpu"))
     sizes = []
 
     def spy(z, rows, *args):
         assert z.shape[0] == rows.shape[0]
         sizes.append(z.shape[0])
-        return step(z, rows, *args)
+        return op.step(z, rows, *args)
 
-    eng._resolved[torch.device("cpu")] = (name, spy, gather)
+    eng._ops[torch.device("cpu")] = op._replace(step=spy)
     x = batches(1, 5, seed=5)[0] * 2
     res = eng(x)
     assert_same(res, EarlyExitEngine(model, [0.9, 1.2], backend="torch")(x))

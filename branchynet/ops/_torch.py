@@ -69,8 +69,8 @@ def _row_scores(z: list, cid: int):
     return 1.0 - (top[0] / s - second), h, pred
 
 
-def _exit_step_scalar(logits, rows, threshold, criterion, exit_index, last,
-                      out_logits, out_pred, out_exit, out_entropy):
+def _exit_step_scalar(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
+                      criterion=0, last=False):
     """The CPU exit op for a few rows, in Python floats; same contract and answers."""
     f64 = logits.dtype == torch.float64
     rnd = (lambda x: x) if f64 else _f32
@@ -118,24 +118,23 @@ def exit_step_torch(
     logits: torch.Tensor,
     rows: torch.Tensor,
     threshold: float,
-    criterion: int,
     exit_index: int,
-    last: bool,
     out_logits: torch.Tensor,
     out_pred: torch.Tensor,
     out_exit: torch.Tensor,
     out_entropy: torch.Tensor,
+    criterion: int = 0,
+    last: bool = False,
 ):
-    """See :func:`branchynet.ops.exit_step` for the contract."""
+    """See :func:`branchynet.ops.exit_step` for the contract (criterion as its id)."""
+    args = (logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last)
     if logits.device.type == "cpu" and logits.shape[0] * logits.shape[1] <= SCALAR_MAX_ELEMENTS:
-        return _exit_step_scalar(logits, rows, threshold, criterion, exit_index, last,
-                                 out_logits, out_pred, out_exit, out_entropy)
-    return _exit_step_vectorized(logits, rows, threshold, criterion, exit_index, last,
-                                 out_logits, out_pred, out_exit, out_entropy)
+        return _exit_step_scalar(*args)
+    return _exit_step_vectorized(*args)
 
 
-def _exit_step_vectorized(logits, rows, threshold, criterion, exit_index, last,
-                          out_logits, out_pred, out_exit, out_entropy):
+def _exit_step_vectorized(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
+                          criterion=0, last=False):
     """The exit op as PyTorch ops over the whole batch, on any device."""
     k = logits.shape[0]
     score, h, pred = _scores(logits, criterion)

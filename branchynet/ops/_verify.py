@@ -22,7 +22,7 @@ import torch
 from ..exits import _scores
 from ._torch import exit_step_torch, gather_rows_torch
 
-__all__ = ["ENV", "passes", "compare_exit_step", "compare_gather", "compare_direct", "quick_check", "reset"]
+__all__ = ["ENV", "passes", "compare_exit_step", "compare_gather", "compare_bound", "quick_check", "reset"]
 
 #: Environment variable: ``0`` turns the first-use check off.
 ENV = "BRANCHYNET_VERIFY"
@@ -103,8 +103,8 @@ def compare_exit_step(step, logits, rows, b, threshold, criterion, exit_index, l
     dev = logits.device
     want = poisoned_buffers(b, c, logits.dtype, dev, strided=strided)
     got = poisoned_buffers(b, c, logits.dtype, dev, strided=strided)
-    r_surv, _, r_count = exit_step_torch(logits, rows, threshold, criterion, exit_index, last, *want)
-    g_surv, g_rows, g_count = step(logits, rows, threshold, criterion, exit_index, last, *got)
+    r_surv, _, r_count = exit_step_torch(logits, rows, threshold, exit_index, *want, criterion, last)
+    g_surv, g_rows, g_count = step(logits, rows, threshold, exit_index, *got, criterion=criterion, last=last)
     n = int(r_count)
     if int(g_count) != n:
         return f"survivor count {int(g_count)}, reference {n}", math.inf
@@ -159,23 +159,24 @@ def _check_logits(k: int, c: int, device) -> torch.Tensor:
     return z.to(device)
 
 
-def compare_direct(direct, logits: torch.Tensor, criterion: int, threshold: float) -> str | None:
-    """The eager engine's use of the extension's ``exit_step_direct`` (its own argument
-    parsing; outputs allocated in C++ at the first exit, filled in at the last) against
-    the reference on the same two exits. None, or what differs."""
+def compare_bound(step, logits: torch.Tensor, criterion: int, threshold: float) -> str | None:
+    """The engine's use of the bound op (:func:`branchynet.ops.bind`: its own entry
+    where there is one; outputs allocated at the first exit, filled in at the last)
+    against the reference on the same two exits. None, or what differs."""
     k, c = logits.shape
     rows = torch.arange(k, device=logits.device)
-    surv, s_rows, n, *got = direct(logits, rows, threshold, criterion, 0, False)
+    got = []
+    surv, s_rows, n = step(logits, rows, threshold, 0, got, criterion, False)
     want = poisoned_buffers(k, c, logits.dtype, logits.device)
-    r_surv, r_rows, r_count = exit_step_torch(logits, rows, threshold, criterion, 0, False, *want)
+    r_surv, r_rows, r_count = exit_step_torch(logits, rows, threshold, 0, *want, criterion, False)
     if int(n) != int(r_count):
         return f"survivor count {int(n)}, reference {int(r_count)}"
     n = int(n)
     if not torch.equal(surv[:n].sort().values, r_surv[:n].sort().values):
         return "survivors differ"
     last = torch.flip(logits, (1,)) * 0.5  # the last branch's logits, one row per sample
-    direct(last[s_rows[:n]], s_rows[:n], 0.0, criterion, 1, True, *got)
-    exit_step_torch(last[r_rows[:n]], r_rows[:n], 0.0, criterion, 1, True, *want)
+    step(last[s_rows[:n]], s_rows[:n], 0.0, 1, got, criterion, True)
+    exit_step_torch(last[r_rows[:n]], r_rows[:n], 0.0, 1, *want, criterion, True)
     for i, what in ((2, "exit index"), (1, "pred")):
         if not torch.equal(got[i], want[i]):
             return f"{what} differs at {int((got[i] != want[i]).sum())} of {k} rows"
@@ -188,10 +189,10 @@ def compare_direct(direct, logits: torch.Tensor, criterion: int, threshold: floa
 
 def quick_check(backend: str, device: torch.device) -> str | None:
     """One pass of the backend against the reference: None, or the failed check."""
-    from . import kernels
+    from . import _backends
 
     try:
-        step, gather = kernels(backend)
+        step, gather = _backends.implementation(backend)
         logits = _check_logits(300, 10, device)
         b = 310
         rows = torch.randperm(b, generator=torch.Generator().manual_seed(0))[:300].to(device)
@@ -206,13 +207,10 @@ def quick_check(backend: str, device: torch.device) -> str | None:
         failure, _ = compare_gather(gather, feats, rows.remainder(300).flip(0)[:150])
         if failure is not None:
             return f"gather_rows, 150 of 300 channels_last rows: {failure}"
-        from . import _EXT
-
-        direct = getattr(_EXT, "exit_step_direct", None) if backend == "cpp" else None
-        if direct is not None:  # the eager engine's entry, beside the dispatcher op
-            failure = compare_direct(direct, logits, 0, gap_threshold(logits, 0))
-            if failure is not None:
-                return f"exit_step_direct (the engine's), two exits, 300 x 10 fp32: {failure}"
+        # The engine's entry (the bound op: for cpp, the extension's own, beside the op).
+        failure = compare_bound(_backends.bound(backend, device).step, logits, 0, gap_threshold(logits, 0))
+        if failure is not None:
+            return f"the bound op (the engine's), two exits, 300 x 10 fp32: {failure}"
     except Exception as err:  # a kernel that cannot run is as unusable as a wrong one
         return f"raised {type(err).__name__}: {err}"
     return None

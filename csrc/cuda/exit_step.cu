@@ -425,9 +425,9 @@ void launch_exit_step(const ExitParams<scalar_t>& p, cudaStream_t stream) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cuda(
-    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t criterion,
-    int64_t exit_index, bool last, const at::Tensor& out_logits, const at::Tensor& out_pred,
-    const at::Tensor& out_exit, const at::Tensor& out_entropy) {
+    const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t exit_index,
+    const at::Tensor& out_logits, const at::Tensor& out_pred, const at::Tensor& out_exit,
+    const at::Tensor& out_entropy, int64_t criterion, bool last) {
   TORCH_CHECK(logits.is_cuda(), "branchynet::exit_step (CUDA): logits must be a CUDA tensor");
   const ExitStepShape shape = check_exit_step_args(logits, rows, threshold, criterion, out_logits,
                                                    out_pred, out_exit, out_entropy);
