@@ -75,7 +75,7 @@ def _outputs(b: int, c: int, device, poison: bool = False):
 
 
 def _op_fn(provider: str):
-    """``f(logits, rows, threshold, criterion, exit_index, last, *out)`` for a provider
+    """``f(logits, rows, threshold, exit_index, *out, criterion, last)`` (the op's order) for a provider
     (below the public op's argument checks, for every provider alike: the kernels are
     timed, not Python validation)."""
     if provider == "op_eager":
@@ -86,7 +86,7 @@ def _op_fn(provider: str):
     elif provider == "op_triton":
         from branchynet import ops
 
-        f = ops.kernels("triton")[0]
+        f = ops.implementation("triton")[0]
     elif provider in ("op_cuda", "op_cpp"):  # one registered op, CUDA and CPU kernels
         f = torch.ops.branchynet.exit_step.default
     else:
@@ -98,8 +98,8 @@ def _check(fn, logits, rows, t, b, c, device):
     """The provider against exit_step_torch on poisoned output buffers."""
     want_out = _outputs(b, c, device, poison=True)
     got_out = _outputs(b, c, device, poison=True)
-    ws, wr, wc = ops_torch.exit_step_torch(logits, rows, t, CRITERION, 0, False, *want_out)
-    gs, gr, gc = fn(logits, rows, t, CRITERION, 0, False, *got_out)
+    ws, wr, wc = ops_torch.exit_step_torch(logits, rows, t, 0, *want_out, CRITERION, False)
+    gs, gr, gc = fn(logits, rows, t, 0, *got_out, CRITERION, False)
     k = int(wc.item())
     assert int(gc.item()) == k, f"survivor count {int(gc.item())} != {k}"
     torch.testing.assert_close(got_out[2], want_out[2])  # exit index (-7 where the row stays)
@@ -138,7 +138,7 @@ def test_exit_op(benchmark, bench_ctx, batch, classes, provider):
                 _check(fn, z, rows, t, batch, classes, dev)
         out = _outputs(batch, classes, dev)
         bytes_moved = nbytes["total"]
-        args = [(z, rows, t, CRITERION, 0, False, *out) for z in logits]
+        args = [(z, rows, t, 0, *out, CRITERION, False) for z in logits]
 
     m_box = [1]
     sync = ctx.sync

@@ -198,8 +198,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& features, const at::Tensor& index) 
 
 // The schemas are defined once, in Python (branchynet/ops/_library.py), so that the op
 // exists with or without this extension; here only the CPU implementations are registered.
-// The C++ arguments follow the schema: positional ones, then the keyword-only criterion
-// and last.
+// The C++ arguments follow the schema's order.
 TORCH_LIBRARY_IMPL(branchynet, CPU, m) {
   m.impl("exit_step", &branchynet::exit_step_cpu);
   m.impl("gather_rows", &branchynet::gather_rows_cpu);

@@ -33,7 +33,7 @@ __all__ = ["EXIT_STEP_SCHEMA", "GATHER_ROWS_SCHEMA", "register_triton_for_cuda",
 EXIT_STEP_SCHEMA = (
     "exit_step(Tensor logits, Tensor rows, float threshold, int exit_index, "
     "Tensor(a!) out_logits, Tensor(b!) out_pred, Tensor(c!) out_exit, Tensor(d!) out_entropy, "
-    "*, int criterion=0, bool last=False) -> (Tensor, Tensor, Tensor)"
+    "int criterion=0, bool last=False) -> (Tensor, Tensor, Tensor)"
 )
 GATHER_ROWS_SCHEMA = "gather_rows(Tensor features, Tensor index) -> Tensor"
 
