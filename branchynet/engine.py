@@ -17,17 +17,19 @@ a stage's *region* (stage n, branch n, exit op n) is built:
   it (CUDA graphs through ``mode="reduce-overhead"``); the exit op runs on the real rows.
 
 A region takes ``(h, rows, out)`` and returns ``(h, survivors, survivor_rows, count)``;
-``int(count)`` is the one host read-back per exit.
+``int(count)`` is the one host read-back per exit. How the stages are compiled (options,
+warm-up sizes) is in :mod:`branchynet._compile`. (Over 500 lines: one class, half of it
+argument checks and the docstrings of its public arguments.)
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from ._compile import check_buckets, compile_kwargs, first_stage_inputs, own_code, warm_counts
 from .config import check_thresholds, criterion_id
 from .models.branchynet import BranchyNet
 from .ops import bind, resolve_backend
@@ -109,8 +111,8 @@ class EarlyExitEngine:
         cfg = model.exit_config
         self.thresholds = cfg.thresholds if thresholds is None else thresholds
         self.criterion = cfg.criterion if criterion is None else criterion
-        self._compile = _compile_kwargs(compile)
-        self._buckets = _check_buckets(buckets, self._compile)
+        self._compile = compile_kwargs(compile)
+        self._buckets = check_buckets(buckets, self._compile)
         # Checked once here, re-read only when a call's input disagrees with it: the
         # parameter objects survive model.to() / .double(), so its device and dtype follow.
         self._param = self._first_tensor()
@@ -340,7 +342,7 @@ class EarlyExitEngine:
                 survivors, survivor_rows, count = exit_op(branch(h), rows, threshold, n, out_logits, out_pred,
                                                           out_exit, out_entropy, criterion=cid, last=last)
                 return h, survivors, survivor_rows, count
-            graph = torch.compile(_own_code(fn, f"exit{n}_region"), **kwargs)
+            graph = torch.compile(own_code(fn, f"exit{n}_region"), **kwargs)
 
             def compiled(h, rows, out):
                 return graph(h, rows, *out)
@@ -350,7 +352,7 @@ class EarlyExitEngine:
             def fn(h):
                 h = stage(h)
                 return h, branch(h)
-            graph = torch.compile(_own_code(fn, f"exit{n}_stage"), **kwargs)
+            graph = torch.compile(own_code(fn, f"exit{n}_stage"), **kwargs)
             step = op.step
 
             def compiled(h, rows, out):
@@ -371,7 +373,7 @@ class EarlyExitEngine:
             def fn(h):
                 h = stage(h)
                 return h, branch(h)
-            graph = self._static[n] = torch.compile(_own_code(fn, f"exit{n}_static"),
+            graph = self._static[n] = torch.compile(own_code(fn, f"exit{n}_static"),
                                                     **dict(self._compile, dynamic=False))
         return graph
 
@@ -481,8 +483,8 @@ class EarlyExitEngine:
         if self._buckets is not None:
             counts = {self._bucket(k) for b in sizes for k in range(1, b + 1)}
         else:
-            counts = {k for b in sizes for k in _warm_counts(b)}
-        inputs = {k: _first_stage_inputs(x, k) for k in counts}
+            counts = {k for b in sizes for k in warm_counts(b)}
+        inputs = {k: first_stage_inputs(x, k) for k in counts}
         with torch.inference_mode():
             self._warmup(sizes, inputs)
 
@@ -504,7 +506,7 @@ class EarlyExitEngine:
         c, dtype = self._spec(first)
         for b in sorted(set(sizes)):
             out = new_outputs(b, c, dtype, dev)
-            for k in _warm_counts(b):
+            for k in warm_counts(b):
                 if k == 1:
                     continue  # one row runs uncompiled
                 rows = self._rows(k, dev)
@@ -547,78 +549,3 @@ _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
 def _dtype_mismatch(n: int, got: torch.dtype, first: torch.dtype) -> TypeError:
     return TypeError(f"branch {n} returns {got} logits but branch 0 returns {first}; "
                      f"every exit must return one dtype")
-
-
-def _first_stage_inputs(x: torch.Tensor, k: int) -> list:
-    """k rows of x (repeated as needed) as a caller may pass them: a slice of a larger
-    batch and a tensor of its own, of x's kind (normal or inference tensor). Dynamo's
-    guards tell these apart (a view's base is an input too)."""
-    with torch.inference_mode(x.is_inference()):
-        big = x.repeat(-(-(k + 1) // x.shape[0]), *([1] * (x.dim() - 1)))
-        return [big[:k], big[:k].clone()]
-
-
-def _warm_counts(b: int) -> list:
-    """Row counts up to b at which a dynamic-batch graph may be specialised: 1, the
-    powers of two and b (torch specialises sizes 0 and 1, and the CPU's convolution
-    backend switches at a batch of 16)."""
-    ks = {b}
-    p = 1
-    while p < b:
-        ks.add(p)
-        p *= 2
-    return sorted(ks)
-
-
-_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_COMPILE_KEYS = ("mode", "backend", "options", "fullgraph")
-
-
-def _compile_kwargs(compile) -> dict | None:
-    if compile is False or compile is None:
-        return None
-    if compile is True:
-        return {}
-    if isinstance(compile, str):
-        if compile not in _COMPILE_MODES:
-            raise ValueError(f"compile must be True, False, one of {_COMPILE_MODES} or a dict of "
-                             f"torch.compile arguments, got {compile!r}")
-        return {} if compile == "default" else {"mode": compile}
-    if isinstance(compile, dict):
-        unknown = sorted(set(compile) - set(_COMPILE_KEYS))
-        if unknown:
-            raise ValueError(f"compile: unsupported torch.compile arguments {unknown} (the engine sets "
-                             f"dynamic itself); allowed: {_COMPILE_KEYS}")
-        mode = compile.get("mode")
-        if mode is not None and mode not in _COMPILE_MODES:
-            raise ValueError(f"compile['mode'] must be one of {_COMPILE_MODES}, got {mode!r}")
-        return {k: v for k, v in compile.items() if not (k == "mode" and v == "default")}
-    raise TypeError(f"compile must be a bool, a mode string or a dict, got {type(compile).__name__}")
-
-
-def _check_buckets(buckets, compile_kwargs):
-    if buckets is None:
-        return "pow2" if compile_kwargs is not None and compile_kwargs.get("mode") == "reduce-overhead" else None
-    if buckets is False:
-        return None
-    if compile_kwargs is None:
-        raise ValueError("buckets pad the batches of compiled stages: pass compile=True (or a mode) too")
-    if buckets is True:
-        return "pow2"
-    if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
-        raise TypeError(f"buckets must be None, a bool or a sequence of ints, got {type(buckets).__name__}")
-    sizes = list(buckets)
-    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"buckets must be a non-empty sequence of ints >= 1, got {buckets!r}")
-    return tuple(sorted(set(sizes)))
-
-
-def _own_code(fn, name: str):
-    """``fn`` with a code object of its own: dynamo keeps its compiled graphs (and its
-    recompile limit) per code object, so regions made from one ``def`` would otherwise
-    share them and evict each other."""
-    code = fn.__code__
-    repl = {"co_name": name}
-    if hasattr(code, "co_qualname"):
-        repl["co_qualname"] = name
-    return types.FunctionType(code.replace(**repl), fn.__globals__, name, fn.__defaults__, fn.__closure__)
