@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 import branchynet as bn
-from branchynet.calibrate import (_count_exits, _vary_one, calibrate, candidate_thresholds,
-                                  collect_exit_outputs, collect_logits, expected_calibration_error,
-                                  fit_temperature, fold_temperature, score_thresholds)
+from branchynet.calibrate import (calibrate, candidate_thresholds, collect_exit_outputs, collect_logits,
+                                  expected_calibration_error, fit_temperature, fold_temperature,
+                                  score_thresholds)
+from branchynet.calibrate.exit_table import _count_exits
+from branchynet.calibrate.search import _vary_one
 from branchynet.flops import profile_flops
 from branchynet.latency import LatencyProfile, measure_latency
 
