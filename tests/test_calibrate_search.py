@@ -304,6 +304,17 @@ def test_temperature_cannot_be_folded_through_a_layer_after_the_linear():
     assert torch.equal(model.branches[0][0].weight, w)  # undone
 
 
+def test_temperature_is_not_folded_anywhere_when_a_side_branch_has_no_linear():
+    torch.manual_seed(0)
+    model = bn.from_stages([nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(3, 8)],
+                           [nn.Linear(8, 3), nn.Identity(), nn.Linear(8, 3)], input_shape=(4,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="branch 1 has no nn.Linear layer to fold temperature 3 into"):
+        fold_temperature(model, [2.0, 3.0, 1.0], torch.randn(5, 4))
+    # branch 0 comes first but was not scaled either
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def attached_mlp(tail=()):
     """An attach_exits model (final branch nn.Identity) on a plain MLP, weights scaled up
     so that the fitted temperatures are far from 1."""

@@ -179,5 +179,3 @@ def _first_inputs(data, limit: int) -> torch.Tensor:
     if not xs:
         raise ValueError("data is empty")
     return torch.cat(xs)[:limit]
-
-

@@ -42,8 +42,6 @@ class _Targets:
             raise ValueError(f"max_latency is seconds per sample (> 0), got {self.max_latency}")
         if self.exit_fraction is not None and not (0 <= self.exit_fraction <= 1):
             raise ValueError(f"exit_fraction is a share in [0, 1], got {self.exit_fraction}")
-
-    def default(self) -> None:
         if all(t is None for t in (self.max_drop, self.min_accuracy, self.max_flops, self.max_latency,
                                    self.exit_fraction)):
             self.max_drop = 0.005
@@ -198,8 +196,9 @@ def calibrate(
             holds the values folded.
         candidates: T values to try per side branch (default :func:`candidate_thresholds`).
         flops: FLOP profile (default counted from the model).
-        path_times: seconds per sample to reach each exit (:func:`~branchynet.latency.measure_path_times`),
-            a cruder time model than ``latency`` (no compaction).
+        path_times: seconds per sample to reach each exit
+            (:func:`~branchynet.latency.measure_path_times`), a cruder time model than
+            ``latency`` (no compaction).
         latency: a :class:`~branchynet.latency.LatencyProfile`, or True to measure one at
             ``batch_size`` on ``val`` (the default when ``max_latency`` is given).
         test: a test Dataset: the chosen thresholds are run there by the engine and its
@@ -221,7 +220,6 @@ def calibrate(
     # function of its own above.
     targets = _Targets(max_drop, min_accuracy, max_flops, max_latency, exit_fraction)
     _check_search(search, beam_width, path_times, latency, max_latency)
-    targets.default()
     temps = ece = None
     if temperature:
         if table is not None:

@@ -325,7 +325,6 @@ def _unreachable(goal: _Goal, mt: dict, backbone: float) -> str:
     return "no threshold combination meets the target: " + "; ".join(parts)
 
 
-
 def _distinct(thr: torch.Tensor, good: torch.Tensor, counts: torch.Tensor):
     """One row per distinct combination (its first occurrence), in the order scored."""
     scored = thr.shape[0]

@@ -106,7 +106,6 @@ def _last_linear(branch: torch.nn.Module) -> torch.nn.Linear | None:
     return last
 
 
-
 def _fold_layer(model: BranchyNet, n: int, t: float) -> torch.nn.Linear | None:
     """The ``nn.Linear`` that exit n's temperature is folded into, or None for a final
     exit that cannot take it (left at T = 1.0)."""
