@@ -22,6 +22,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from branchynet.tables import markdown_table
+
 MODEL_ORDER = ("b_lenet", "b_alexnet", "b_resnet110")
 PROFILE_ORDER = ("paper", "all_exit", "none_exit")
 PROVIDER_ORDER = (
@@ -190,9 +192,7 @@ def _pct(fr):
 
 
 def _table(head, body) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    out += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(out)
+    return markdown_table(head, body, pad=False)
 
 
 def _group_profile_line(rs) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ExitConfig
+from .tables import markdown_table
 
 MODEL_CHOICES = ("b-lenet", "b-alexnet", "b-resnet110")
 
@@ -265,7 +266,7 @@ def run_demo(args) -> dict:
           f"exit-op backend {engine.backend_for(device)}, "
           f"torch {torch.__version__}); {dataset} test split, {xt.shape[0]} samples; "
           f"times are medians of {args.repeats} runs (B=1 over {n1} samples)")
-    print(_markdown(head, rows))
+    print(markdown_table(head, rows))
     print(f"\ncalibration: {len(cal.rows)} threshold combinations on the validation split "
           f"(target: at most {100 * args.max_drop:.1f} pt below the final exit, "
           f"{'met' if cal.target['met'] else 'NOT met'}); "
@@ -277,12 +278,6 @@ def run_demo(args) -> dict:
                "gain_b1": t_base_1.median / t_b_1.median, "gain_b256": t_base_256.median / t_b_256.median}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _markdown(head, rows) -> str:
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 # --- train / calibrate / bench / info --------------------------------------------------
@@ -401,7 +396,7 @@ def run_bench(args) -> None:
     print(f"{args.checkpoint}: thresholds {list(engine.thresholds)}, exits "
           f"{[round(100 * f, 1) for f in res.exit_fractions]} %, device {args.device}, "
           f"backend {engine.backend_for(args.device)}")
-    print(_markdown(["batch", "backbone ms/sample", "engine ms/sample", "gain", "ideal gain", "efficiency"],
+    print(markdown_table(["batch", "backbone ms/sample", "engine ms/sample", "gain", "ideal gain", "efficiency"],
                     rows))
 
 

@@ -25,7 +25,7 @@ import torch
 from .config import criterion_id
 from .models.branchynet import BranchyNet
 
-__all__ = ["LatencyProfile", "measure_latency"]
+__all__ = ["LatencyProfile", "measure_latency", "measure_path_times"]
 
 
 @dataclass
@@ -159,3 +159,15 @@ def measure_latency(model: BranchyNet, example: torch.Tensor, *, criterion: str 
     finally:
         model.train(was_training)
     return LatencyProfile(batch_size=b, sizes=sizes, segment=segment, device=str(example.device))
+
+
+def measure_path_times(model: BranchyNet, example: torch.Tensor, *, repeats: int = 10) -> list:
+    """Measured seconds per sample of reaching each exit: the segments on the way (stage,
+    branch and exit op) timed at the batch size B of ``example`` [B, ...].
+
+    Path n is this time model's prediction for every sample leaving at exit n, so the
+    cost of an exit profile ``f`` is ``f @ paths``: a cruder model than
+    :meth:`LatencyProfile.predict`, which times the smaller batches after compaction.
+    """
+    profile = measure_latency(model, example, repeats=repeats, sizes=[example.shape[0]])
+    return profile.predict(np.eye(profile.num_exits)).tolist()

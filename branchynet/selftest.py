@@ -31,6 +31,7 @@ import torch
 
 from . import ops
 from .ops import _verify
+from .tables import markdown_table
 
 __all__ = ["Row", "run", "format_table", "main"]
 
@@ -348,10 +349,7 @@ def format_table(rows) -> str:
     head = ("device", "backend", "check", "result", "worst error", "cases", "seconds")
     body = [(r.device, r.backend, r.check, "pass" if r.ok else f"FAIL ({len(r.failures)})",
              f"{r.worst:.2e}", str(r.cases), f"{r.seconds:.1f}") for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(b) for b in body]
+    out = [markdown_table(head, body)]
     for r in rows:
         for f in r.failures[:5]:
             out.append(f"FAIL {r.device} {r.backend} {r.check}: {f}")

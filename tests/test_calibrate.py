@@ -94,9 +94,9 @@ def test_flops_counted_from_modules():
     assert prof.ideal_speedup([1, 0, 0]) == pytest.approx(prof.backbone / (640 + 256))
 
 
-def test_path_times_sum_the_stage_and_branch_times_on_the_way(monkeypatch):
-    # Each timed call gets its own known time: stage n takes 1 + n, branch n 10 * (1 + n)
-    # (in call order: stage 0, branch 0, stage 1, ...); path n is their sum up to n, per sample.
+def test_path_times_sum_the_segment_times_on_the_way(monkeypatch):
+    # Each timed call gets its own known time: segment n (stage, branch and exit op, timed
+    # at the example's batch of 4) takes 10^n; path n is their sum up to n, per sample.
     import branchynet.timing as timing
 
     calls = []
@@ -104,15 +104,14 @@ def test_path_times_sum_the_stage_and_branch_times_on_the_way(monkeypatch):
     def fake_time_fn(fn, *, repeats=5, warmup=1, device=None):
         fn()
         calls.append(len(calls))
-        i = len(calls) - 1
-        t = (1 + i // 2) * (10.0 if i % 2 else 1.0)
+        t = 10.0 ** (len(calls) - 1)
         return timing.Timing(t, t, t, repeats)
 
     monkeypatch.setattr(timing, "time_fn", fake_time_fn)
     model = small_model()
     t = measure_path_times(model, torch.randn(4, 10), repeats=3)
-    assert len(calls) == 6
-    assert t == pytest.approx([11 / 4, (11 + 22) / 4, (11 + 22 + 33) / 4])
+    assert len(calls) == 3
+    assert t == pytest.approx([1 / 4, 11 / 4, 111 / 4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

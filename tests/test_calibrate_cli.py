@@ -44,7 +44,7 @@ def test_calibrate_write_keeps_training_state_so_train_resumes(tmp_path, capsys)
 def test_update_checkpoint_replaces_only_weights_exit_config_and_temperature(tmp_path):
     import torch
 
-    from branchynet.calibrate import _last_linear
+    from branchynet.calibrate.temperature import _last_linear
     from branchynet.models import b_lenet
 
     model = b_lenet(num_classes=10)

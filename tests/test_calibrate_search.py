@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 import branchynet as bn
-from branchynet.calibrate import (_count_exits, _vary_one, calibrate, candidate_thresholds,
-                                  collect_exit_outputs, collect_logits, expected_calibration_error,
-                                  fit_temperature, fold_temperature, score_thresholds)
+from branchynet.calibrate import (calibrate, candidate_thresholds, collect_exit_outputs, collect_logits,
+                                  expected_calibration_error, fit_temperature, fold_temperature,
+                                  score_thresholds)
+from branchynet.calibrate.exit_table import _count_exits
+from branchynet.calibrate.search import _vary_one
 from branchynet.flops import profile_flops
 from branchynet.latency import LatencyProfile, measure_latency
 
@@ -300,6 +302,17 @@ def test_temperature_cannot_be_folded_through_a_layer_after_the_linear():
     with pytest.raises(ValueError, match="branch 0: its logits are not its last nn.Linear's output"):
         fold_temperature(model, [2.0, 1.0], torch.randn(5, 4))
     assert torch.equal(model.branches[0][0].weight, w)  # undone
+
+
+def test_temperature_is_not_folded_anywhere_when_a_side_branch_has_no_linear():
+    torch.manual_seed(0)
+    model = bn.from_stages([nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(3, 8)],
+                           [nn.Linear(8, 3), nn.Identity(), nn.Linear(8, 3)], input_shape=(4,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="branch 1 has no nn.Linear layer to fold temperature 3 into"):
+        fold_temperature(model, [2.0, 3.0, 1.0], torch.randn(5, 4))
+    # branch 0 comes first but was not scaled either
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def attached_mlp(tail=()):

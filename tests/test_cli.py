@@ -137,12 +137,12 @@ def test_calibrate_a_checkpoint_without_a_data_set(lenet_ckpt, tmp_path, capsys)
 
 
 def test_calibrate_value_error_is_an_error_message(lenet_ckpt, tmp_path, monkeypatch):
-    import branchynet.calibrate
+    import branchynet.calibrate.temperature
 
     def cannot_fold(model, temperatures, example):  # what a branch with a layer after its Linear gives
         raise ValueError("branch 0: its logits are not its last nn.Linear's output")
 
-    monkeypatch.setattr(branchynet.calibrate, "fold_temperature", cannot_fold)
+    monkeypatch.setattr(branchynet.calibrate.temperature, "fold_temperature", cannot_fold)
     with_data, _ = lenet_ckpt
     before = with_data.read_bytes()
     with pytest.raises(SystemExit, match=r"^error: branch 0: its logits are not its last nn.Linear's output$"):
