@@ -117,7 +117,8 @@ def measure_latency(model: BranchyNet, example: torch.Tensor, *, criterion: str 
     Returns:
         :class:`LatencyProfile` at batch size B.
     """
-    from .ops import kernels, resolve_backend
+    from .ops import bind
+    from .ops._backends import new_outputs
     from .timing import time_fn
 
     b = example.shape[0]
@@ -127,8 +128,7 @@ def measure_latency(model: BranchyNet, example: torch.Tensor, *, criterion: str 
     if sizes[0] < 1 or sizes[-1] > b:
         raise ValueError(f"sizes must lie in [1, {b}] (the example's batch), got {sizes}")
     cid = criterion_id(criterion or model.exit_config.criterion)
-    be = resolve_backend(backend, example.device)
-    step, gather = kernels(be)
+    op = bind(example.device, backend)  # the exit op as the engine runs it
     was_training = model.training
     model.eval()
     n_exits = model.num_exits
@@ -143,16 +143,13 @@ def measure_latency(model: BranchyNet, example: torch.Tensor, *, criterion: str 
                 hk = h_in[:k]
                 idx = torch.arange(k, device=example.device)
                 rows = idx.clone()
-                outs = (torch.empty(k, z.shape[1], dtype=z.dtype, device=z.device),
-                        torch.empty(k, dtype=torch.int64, device=z.device),
-                        torch.empty(k, dtype=torch.int64, device=z.device),
-                        torch.empty(k, dtype=torch.float32, device=z.device))
+                outs = new_outputs(k, z.shape[1], z.dtype, z.device)
 
                 def run(hk=hk, idx=idx, rows=rows, outs=outs, n=n, last=last, stage=stage, branch=branch):
-                    h = gather(hk, idx) if n > 0 else hk
+                    h = op.gather(hk, idx) if n > 0 else hk
                     # threshold 0: nobody leaves, every survivor's row is compacted (the
                     # most work the op can do after the decision)
-                    return step(branch(stage(h)), rows, 0.0, cid, n, last, *outs)
+                    return op.step(branch(stage(h)), rows, 0.0, n, outs, cid, last)
 
                 segment[n].append(time_fn(run, repeats=repeats, device=example.device).median)
             h_in = h_out
