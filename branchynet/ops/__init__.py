@@ -10,7 +10,7 @@ backend       where it runs                           what it is
 ``cuda``      CUDA, from the compiled ``branchynet._C`` fused CUDA C++ kernel
 ``cpp``       CPU, from the compiled ``branchynet._C`` fused C++ loop (one pass, no
                                                       temporaries; 0.88-6.2x the torch path
-                                                      in benchmarks/results/cpu/report.md)
+                                                      in benchmarks/results/cpu-epyc-2core/report.md)
 ============  =====================================  ======================================
 
 ``backend="auto"`` picks ``cuda > triton > torch`` on a CUDA device and ``cpp > torch``
