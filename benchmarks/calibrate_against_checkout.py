@@ -1,9 +1,10 @@
-"""Time ``calibrate`` of another checkout (e.g. the exhaustive sweep before issue 13) on
-the models of ``test_bench_calibrate.py``, in this process, for a same-load comparison.
+"""Time ``calibrate`` of another checkout (e.g. commit d68f9ee, whose search scored every
+combination) on the models of ``test_bench_calibrate.py``, in this process, for a
+same-load comparison.
 
-    mkdir /tmp/before && git archive d68f9ee | tar -x -C /tmp/before   # before the search
-    cp branchynet/_C*.so /tmp/before/branchynet/                         # the built extension
-    python benchmarks/calibrate_against_checkout.py /tmp/before
+    mkdir /tmp/other && git archive d68f9ee | tar -x -C /tmp/other   # exhaustive search
+    cp branchynet/_C*.so /tmp/other/branchynet/                        # the built extension
+    python benchmarks/calibrate_against_checkout.py /tmp/other
     python benchmarks/calibrate_against_checkout.py .
 
 Prints JSON: per number of exits, the median / min / max seconds of 3 calls (target

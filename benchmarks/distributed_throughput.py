@@ -2,7 +2,7 @@
 
 Launcher (from the repository root)::
 
-    python benchmarks/distributed_throughput.py --out benchmarks/results/distributed
+    python benchmarks/distributed_throughput.py --out benchmarks/results/<machine>/distributed
 
 runs, for each model, ``torchrun --standalone --nproc-per-node N`` of this file in worker
 mode for N in ``--ranks`` (default 1, 2), ``--repeats`` times each, every rank with one
@@ -168,7 +168,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(DEFAULTS), choices=sorted(DEFAULTS))
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/distributed")
+    # Default outside the committed results: a run on another machine must not overwrite them.
+    p.add_argument("--out", default="runs/distributed")
     p.add_argument("--note", default="", help="a paragraph for the report (machine state)")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from --out's throughput.json")
     args = p.parse_args()

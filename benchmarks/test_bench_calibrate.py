@@ -1,4 +1,4 @@
-"""Calibration cost against the number of exits (issue 13).
+"""Calibration cost against the number of exits.
 
 An MLP with an exit after each of its N layers (N = 2..8), trained a few epochs with the
 joint loss on a synthetic 10-class task; ``calibrate`` end to end (the scoring pass over

@@ -2,8 +2,8 @@
 branch, against the same stage 1 + branch 1 run by hand under ``torch.inference_mode``.
 
 Group ``"fixed_cost|{model}|B=1"``, providers ``by_hand`` and ``engine_<backend>`` (the
-eager engine with each exit-op backend of the device). The target of issue 10: the engine
-at most 1.10x the by-hand time. Every engine benchmark also records an interleaved
+eager engine with each exit-op backend of the device). The target: the engine at
+most 1.10x the by-hand time. Every engine benchmark also records an interleaved
 ratio: rounds alternate engine and by-hand calls on the same inputs and the ratio is
 taken per round (median and quartiles), so a load that drifts between two benchmarks
 does not enter it. Default: B-LeNet; BRANCHYNET_BENCH_FULL=1 adds the other two.

@@ -1,9 +1,11 @@
-"""Every ```python block of README.md runs as written, in a fresh interpreter.
+"""Every ```python block of README.md and docs/*.md runs as written, in a fresh interpreter.
 
 Each block is run on its own (``python -c``), from an empty scratch folder, so a block
 that leans on a name from another block, on a file of the repository or on the current
 directory fails here. Blocks that import torchvision are skipped where torchvision
-cannot be imported (it is not a dependency of the package).
+cannot be imported (it is not a dependency of the package). Besides: the README's set-up
+commands are the ones CI runs, and every relative link of the README, the docs and the
+benchmark reports points at a file that exists (results move between folders).
 """
 
 from __future__ import annotations
@@ -19,11 +21,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The pages whose python blocks run: the README first, then docs/ in name order.
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
+# The README's set-up, exactly: a newcomer's first two commands, and CI (.ci/run) runs the
+# second one as written.
+SETUP = ('pip install torch "setuptools>=70.1" wheel && pip install --no-build-isolation -e ".[demo,test]"'
+         " && branchynet demo\n"
+         "python -m pytest -q tests\n")
+TEST_COMMAND = "python -m pytest -q tests"
 
 # A fence opening "```python" at the start of a line, up to the next closing fence.
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
-# Optional packages a README block may import; the block is skipped when they are missing.
+# Optional packages a block may import; the block is skipped when they are missing.
 OPTIONAL = ("torchvision",)
 
 
@@ -43,7 +53,13 @@ def _has(module: str) -> bool:
         return False
 
 
-BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+# (page, line of the opening fence, code) of every python block of every page.
+BLOCKS = [(_name(page), line, code) for page in PAGES
+          for line, code in python_blocks(page.read_text(encoding="utf-8"))]
 
 
 def run_block(code: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -60,18 +76,54 @@ def run_block(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 3, "README.md lost its python examples (or the fence pattern broke)"
+    by_page = {name: sum(1 for p, _, _ in BLOCKS if p == name) for name in map(_name, PAGES)}
+    assert by_page["README.md"] >= 1, "README.md lost its example (or the fence pattern broke)"
+    # The README's examples moved to docs/ (usage, calibration): none may be lost on the way.
+    assert sum(by_page.values()) >= 7, f"python examples lost from the README and docs/: {by_page}"
 
 
-@pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_block_runs(line, code, tmp_path):
+@pytest.mark.parametrize("page,line,code", BLOCKS, ids=[f"{page}:{line}" for page, line, _ in BLOCKS])
+def test_readme_block_runs(page, line, code, tmp_path):
     for module in OPTIONAL:
         if _imports(code, module) and not _has(module):
-            pytest.skip(f"the block at README.md:{line} needs {module}, which is not importable here")
+            pytest.skip(f"the block at {page}:{line} needs {module}, which is not importable here")
     r = run_block(code, tmp_path)
     if r.returncode != 0:
-        pytest.fail(f"the python block at README.md:{line} fails in a fresh interpreter "
+        pytest.fail(f"the python block at {page}:{line} fails in a fresh interpreter "
                     f"(exit {r.returncode}):\n{r.stderr[-3000:]}", pytrace=False)
+
+
+# The first ```bash block of a text, and markdown links [text](target).
+_BASH = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+_LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
+
+
+def test_readme_setup_is_what_ci_runs():
+    text = README.read_text(encoding="utf-8")
+    setup = text[text.index("## Set-up"):]
+    assert _BASH.search(setup).group(1) == SETUP, "the README's set-up commands changed"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert TEST_COMMAND in ci, ".ci/run no longer runs the README's test command as written"
+
+
+def broken_links(page: Path, text: str) -> list[str]:
+    """Relative link targets of ``text`` (a page at ``page``) that name no existing path."""
+    out = []
+    for target in _LINK.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # a URL or an anchor of the page itself
+        path = target.split("#", 1)[0]
+        if path and not (page.parent / path).exists():
+            out.append(target)
+    return out
+
+
+LINKED = PAGES + [ROOT / "benchmarks" / "README.md"] + sorted((ROOT / "benchmarks" / "results").rglob("*.md"))
+
+
+@pytest.mark.parametrize("page", LINKED, ids=[_name(p) for p in LINKED])
+def test_relative_links_resolve(page):
+    assert broken_links(page, page.read_text(encoding="utf-8")) == []
 
 
 def test_a_failing_block_fails(tmp_path):
@@ -84,3 +136,6 @@ def test_a_failing_block_fails(tmp_path):
     assert blocks == [(2, "print(1)\n"), (8, "undefined_name\n")]
     r = run_block(blocks[1][1], tmp_path)
     assert r.returncode != 0 and "NameError" in r.stderr
+    # ... and a link to a moved file must show.
+    links = "[a](https://x.org/y) [b](#set-up) [c](README.md#set-up) [d](results/gone/report.md)"
+    assert broken_links(README, links) == ["results/gone/report.md"]
