@@ -39,7 +39,7 @@ def engine_profile(model, thresholds, x, y):
     return float((res.pred == y).double().mean()), res.exit_fractions
 
 
-# -- thresholds as the engine compares them (issue 14.3) -----------------------------------
+# -- thresholds as the engine compares them ----------------------------------------------
 
 
 def adjacent_float32_pair():

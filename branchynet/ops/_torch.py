@@ -20,7 +20,7 @@ import torch
 from ..exits import _scores
 
 # Rows x classes up to which the CPU path computes in Python floats. CPU time per call,
-# 2-core Xeon, torch 2.13: K = 1, C = 10: 6-10 us against 40 us for the vectorised form;
+# 2-core VM, torch 2.13: K = 1, C = 10: 6-10 us against 40 us for the vectorised form;
 # K = 8 (80 logits): 16-22 us against 39 us; the Python loop grows with K x C and meets
 # the vectorised form's fixed cost near 200 logits.
 SCALAR_MAX_ELEMENTS = 128
