@@ -1,7 +1,7 @@
 """Building the compiled extension ``branchynet._C``: ahead of time and just in time.
 
-One plan for both. ``setup.py`` loads this file by path (it imports nothing of the
-package, and torch only inside functions) to build the extension while installing when
+One plan for both, in one file (over 500 lines for that reason): ``setup.py`` loads this
+file by path (it imports nothing of the package, and torch only inside functions) to build the extension while installing when
 torch is there at build time; :func:`load_extension` builds it on first use with
 ``torch.utils.cpp_extension.load`` (ninja) when it is not, from the sources shipped in
 the package (``branchynet/csrc`` in a wheel, ``csrc/`` in a source checkout).
