@@ -267,10 +267,10 @@ def test_a_forced_build_rebuilds_from_scratch(tmp_path, monkeypatch):
 
 
 def test_build_force_with_an_extension_loaded_builds_in_a_new_process(monkeypatch, capsys):
-    from branchynet import ops
     from branchynet.cli import main
+    from branchynet.ops import _backends
 
-    monkeypatch.setattr(ops, "_EXT", object())
+    monkeypatch.setattr(_backends, "EXT", object())
     calls = []
     monkeypatch.setattr(_build, "build_in_subprocess", lambda: calls.append(1) or 0)
     assert main(["build"]) == 0 and calls == []
@@ -332,6 +332,7 @@ def test_threads_wait_for_the_just_in_time_build(monkeypatch):
     import time
 
     from branchynet import ops
+    from branchynet.ops import _backends
 
     real = ops._EXT
     if real is None:
@@ -345,9 +346,9 @@ def test_threads_wait_for_the_just_in_time_build(monkeypatch):
         return real, None
 
     monkeypatch.setattr(_build, "load_extension", slow_build)
-    monkeypatch.setattr(ops, "_EXT", None)  # monkeypatch puts the module state back afterwards
-    monkeypatch.setattr(ops, "_EXT_ERROR", "not built yet")
-    monkeypatch.setattr(ops, "_EXT_TRIED", False)
+    monkeypatch.setattr(_backends, "EXT", None)  # monkeypatch puts the module state back afterwards
+    monkeypatch.setattr(_backends, "EXT_ERROR", "not built yet")
+    monkeypatch.setattr(_backends, "_EXT_TRIED", False)
     seen = _two_threads(lambda: ops.available_backends("cpu"), started)
     assert calls == [True]
     assert "cpp" in seen[0] and seen[1] == seen[0], seen
