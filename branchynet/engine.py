@@ -16,7 +16,7 @@ a stage's *region* (stage n, branch n, exit op n) is built:
 - ``buckets``: stage + branch as one static graph per bucket size, on rows padded up to
   it (CUDA graphs through ``mode="reduce-overhead"``); the exit op runs on the real rows.
 
-A region takes ``(h, rows, out)`` and returns ``(h, survivors, survivor_rows, count)``;
+A region takes ``(h, rows, out)`` and returns ``(h, (survivors, survivor_rows, count))``;
 ``int(count)`` is the one host read-back per exit. How the stages are compiled (options,
 warm-up sizes) is in :mod:`branchynet._compile`. (Over 500 lines: one class, half of it
 argument checks and the docstrings of its public arguments.)
@@ -117,7 +117,7 @@ class EarlyExitEngine:
         # parameter objects survive model.to() / .double(), so its device and dtype follow.
         self._param = self._first_tensor()
         self._aranges: dict = {}  # (B, device) -> arange(B): read-only row maps, reused
-        self._regions: dict = {}  # (device, compiled) -> one region per exit
+        self._regions: dict = {}  # device (eager) or (device, True) -> (regions, gather)
         self._static: dict = {}  # exit -> static-shape compiled stage + branch (buckets)
         self._specs: dict = {}  # (device, dtype, autocast) -> (C, logits dtype), checked once
         self.backend = backend
@@ -251,22 +251,23 @@ class EarlyExitEngine:
         self._check_input(x)
         with _inference_mode(True):
             if self._compile is None or x.shape[0] == 0:
-                return self._run(x, self._regions_for(x.device, False), [])
+                return self._run(x, self._plan(x.device, False), [])
             c, dtype = self._spec(x)
             out = new_outputs(x.shape[0], c, dtype, x.device)
             if self._buckets is None:
-                return self._run(x, self._regions_for(x.device, True), out)
+                return self._run(x, self._plan(x.device, True), out)
             if self._cudagraphs():
                 torch.compiler.cudagraph_mark_step_begin()
-            return self._run(x, self._regions_for(x.device, True), out, padded=True)
+            return self._run(x, self._plan(x.device, True), out, padded=True)
 
-    def _run(self, x: torch.Tensor, regions: list, out: list, padded: bool = False) -> ExitResult:
+    def _run(self, x: torch.Tensor, plan: tuple, out: list, padded: bool = False) -> ExitResult:
         """The one compaction loop: region n (stage, branch, exit op) on the rows still in
         flight, then the survivors gathered for region n + 1.
 
         Args:
             x: [B, ...] the batch.
-            regions: one per exit: ``(h, rows, out) -> (h, survivors, survivor_rows, count)``.
+            plan: ``(regions, gather)``: a region per exit, ``(h, rows, out) -> (h,
+                (survivors, survivor_rows, count))``, and the bound op's gather.
             out: the four output buffers of B rows, or an empty list for the first exit
                 op to fill.
             padded: the regions run static graphs: survivors are gathered padded up to
@@ -274,12 +275,12 @@ class EarlyExitEngine:
         """
         b = x.shape[0]
         rows = self._rows(b, x.device)
-        gather = self._op(x.device).gather
+        regions, gather = plan
         last_n = self.num_exits - 1
         counts = [0] * self.num_exits
         h, k = (self._pad(x, rows, gather) if padded else x), b
         for n, region in enumerate(regions):
-            h, survivors, survivor_rows, count = region(h, rows, out)
+            h, (survivors, survivor_rows, count) = region(h, rows, out)
             if n == last_n:
                 counts[n] = k
                 break
@@ -294,17 +295,18 @@ class EarlyExitEngine:
 
     # -- regions ---------------------------------------------------------------------------
 
-    def _regions_for(self, device: torch.device, compiled: bool) -> list:
-        key = (device, compiled)
-        regions = self._regions.get(key)
-        if regions is None:
+    def _plan(self, device: torch.device, compiled: bool) -> tuple:
+        """``(regions, gather)`` for inputs on ``device``, built once (per thresholds)."""
+        key = (device, True) if compiled else device  # a tuple costs ~0.1 us at B = 1
+        plan = self._regions.get(key)
+        if plan is None:
             op = self._op(device)
             if not compiled:
                 make = self._eager_region
             else:
                 make = self._compiled_region if self._buckets is None else self._bucket_region
-            regions = self._regions[key] = [make(n, op) for n in range(self.num_exits)]
-        return regions
+            plan = self._regions[key] = ([make(n, op) for n in range(self.num_exits)], op.gather)
+        return plan
 
     def _exit_args(self, n: int) -> tuple:
         """``(stage, branch, threshold, criterion id, last)`` of exit n."""
@@ -324,7 +326,7 @@ class EarlyExitEngine:
                     raise ValueError(f"every branch must return logits [B, C], got shape {tuple(z.shape)}")
             elif z.dtype != out[0].dtype:
                 raise _dtype_mismatch(n, z.dtype, out[0].dtype)
-            return (h, *step(z, rows, threshold, n, out, cid, last))
+            return h, step(z, rows, threshold, n, out, cid, last)
         return region
 
     def _compiled_region(self, n: int, op):
@@ -339,9 +341,8 @@ class EarlyExitEngine:
 
             def fn(h, rows, out_logits, out_pred, out_exit, out_entropy):
                 h = stage(h)
-                survivors, survivor_rows, count = exit_op(branch(h), rows, threshold, n, out_logits, out_pred,
-                                                          out_exit, out_entropy, criterion=cid, last=last)
-                return h, survivors, survivor_rows, count
+                return h, exit_op(branch(h), rows, threshold, n, out_logits, out_pred, out_exit, out_entropy,
+                                  cid, last)
             graph = torch.compile(own_code(fn, f"exit{n}_region"), **kwargs)
 
             def compiled(h, rows, out):
@@ -357,7 +358,7 @@ class EarlyExitEngine:
 
             def compiled(h, rows, out):
                 h, z = graph(h)
-                return (h, *step(z, rows, threshold, n, out, cid, last))
+                return h, step(z, rows, threshold, n, out, cid, last)
 
         def region(h, rows, out):
             return (eager if rows.shape[0] == 1 else compiled)(h, rows, out)
@@ -388,7 +389,7 @@ class EarlyExitEngine:
             h, z = graph(h)
             if z.dim() == 2 and z.shape[0] != k:
                 z = z[:k]  # the padded rows stop here: never written, never counted
-            return (h, *step(z, rows, threshold, n, out, cid, last))
+            return h, step(z, rows, threshold, n, out, cid, last)
         return region
 
     def _bucket(self, k: int) -> int:
@@ -502,7 +503,7 @@ class EarlyExitEngine:
                         for graph in graphs:
                             h, _ = graph(h)
             return
-        regions = self._regions_for(dev, True)
+        regions = self._plan(dev, True)[0]
         c, dtype = self._spec(first)
         for b in sorted(set(sizes)):
             out = new_outputs(b, c, dtype, dev)
@@ -525,10 +526,10 @@ class EarlyExitEngine:
         is timed against.
         """
         self._check_input(x)
-        regions = self._regions_for(x.device, False)
+        plan = self._plan(x.device, False)
         if x.shape[0] == 0:
-            return self._run(x, regions, [])
-        results = [self._run(x[i:i + 1], regions, []) for i in range(x.shape[0])]
+            return self._run(x, plan, [])
+        results = [self._run(x[i:i + 1], plan, []) for i in range(x.shape[0])]
         return ExitResult(
             logits=torch.cat([r.logits for r in results]),
             pred=torch.cat([r.pred for r in results]),
