@@ -226,6 +226,26 @@ def test_exit_step_matches_reference(device, backend, dtype, k, c, criterion):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_public_op_splits_a_batch_with_every_criterion(device, backend, criterion):
+    # By criterion name, as callers pass it: 100 fp16 rows out of 120, split by a
+    # threshold in a gap of that criterion's scores.
+    cid = CRITERIA.index(criterion)
+    logits = testing.sample_logits(100, 10, torch.float16, device, seed=9)
+    rows = testing.sample_rows(100, 120, device, seed=9)
+    t = testing.gap_threshold(logits, cid)
+    outs = [poisoned_buffers(120, 10, torch.float16, device) for _ in range(2)]
+    ref = exit_step(logits, rows, t, 1, *outs[0], criterion=criterion, backend="torch")
+    got = exit_step(logits, rows, t, 1, *outs[1], criterion=criterion, backend=backend)
+    n = int(ref[2])
+    assert int(got[2]) == n and 0 < n < 100
+    assert torch.equal(got[0][:n].sort().values, ref[0][:n].sort().values)
+    assert torch.equal(outs[1][1], outs[0][1]) and torch.equal(outs[1][2], outs[0][2])
+    assert torch.equal(outs[1][0].view(torch.int16), outs[0][0].view(torch.int16))
+    torch.testing.assert_close(outs[1][3], outs[0][3], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("last", [False, True], ids=["side", "last"])
 @pytest.mark.parametrize("criterion", [0, 1, 2], ids=list(CRITERIA))
 @pytest.mark.parametrize("c", CLASSES, ids=lambda c: f"C{c}")
@@ -491,7 +511,7 @@ def test_registration():
 
 
 @pytest.mark.parametrize("device", EXT_DEVICES)
-@pytest.mark.parametrize("m", [0, 1, 5, 37])
+@pytest.mark.parametrize("m", [0, 1, 5, 37, 100])
 def test_compiled_gather_and_its_fake_agree(device, m):
     # The dispatcher op itself (what the engine and torch.compile call), and the shapes
     # and strides its fake promises the compiler.
@@ -509,12 +529,19 @@ def test_compiled_gather_and_its_fake_agree(device, m):
 
 @pytest.mark.parametrize("device", EXT_DEVICES)
 @pytest.mark.parametrize("criterion", [0, 1, 2], ids=list(CRITERIA))
-def test_compiled_exit_step_matches_reference(device, criterion):
-    logits = testing.sample_logits(300, 10, torch.float32, device, seed=criterion, special=True)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_compiled_exit_step_matches_reference(device, criterion, layout):
+    # The dispatcher op itself, as the engine calls it: strided logits (every other
+    # column), strided rows and per-row outputs with stride 2 reach the kernel as they are.
+    logits = testing.sample_logits(300, 20, torch.float32, device, seed=criterion, special=True)
     rows = testing.sample_rows(300, 310, device, seed=criterion)
+    if layout == "strided":
+        logits, rows = logits[:, ::2], torch.stack([rows, rows], 1)[:, 0]
+        assert not logits.is_contiguous() and rows.stride() == (2,)
     for _, t, last in testing.exit_patterns(logits, criterion):
         res = testing.compare_exit_step(torch.ops.branchynet.exit_step, logits, rows, 310, t, criterion, 1,
-                                        last, permutation=True, same_order=device == "cpu")
+                                        last, strided=layout == "strided", permutation=True,
+                                        same_order=device == "cpu")
         assert res.ok, res.failure
 
 
