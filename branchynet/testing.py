@@ -26,6 +26,9 @@ gives the public op with a named backend in that form.
 The *reference* is the pure-PyTorch op (:func:`branchynet.ops._torch.exit_step_torch`,
 built on :mod:`branchynet.exits`), always run on the host: its answers do not depend on
 the device under test.
+
+One module (~600 lines, half of them docstrings) rather than a package: it is read as
+one page, and its users import one name.
 """
 
 from __future__ import annotations
@@ -366,47 +369,23 @@ def compare_exit_step(step, logits, rows, b, threshold, criterion, exit_index, l
     r_surv, r_rows, r_count = exit_step_torch(h_logits, h_rows, threshold, criterion, exit_index, last, *want)
     n = int(r_count)
     res = step(logits, rows, threshold, criterion, exit_index, last, *got)
-
-    def fail(msg):
-        return Comparison(msg, math.inf, n)
-
-    bad = _check_outputs(res, k, dev)
-    if bad:
-        return fail(bad)
-    g_surv, g_rows, g_count = (t.cpu() for t in res)
-    if int(g_count) != n:
-        return fail(f"survivor count {int(g_count)}, reference {n}")
-    if not torch.equal(g_surv[:n].sort().values, r_surv[:n].sort().values):
-        return fail("survivors differ")
-    if not torch.equal(g_rows[:n], h_rows[g_surv[:n]]):
-        return fail("survivor_rows do not match the survivors")
-    if permutation and not (torch.equal(g_surv.sort().values, torch.arange(k))
-                            and torch.equal(g_rows, h_rows[g_surv])):
-        return fail("survivors are not a permutation of the K rows")
-    if same_order and not (torch.equal(g_surv, r_surv) and torch.equal(g_rows, r_rows)):
-        return fail("survivors are not in the reference's order")
-    o_logits, o_pred, o_exit, o_ent = (t.cpu() for t in got)
-    e_logits, e_pred, e_exit, e_ent = want
+    failure = _survivor_failure(res, dev, h_rows, r_surv, r_rows, n, permutation, same_order)
+    if failure:
+        return Comparison(failure, math.inf, n)
+    # Exactly the leaving rows' outputs are written: the reference's survivors say which.
     leaving = torch.ones(k, dtype=torch.bool)
     leaving[r_surv[:n]] = False
     written = torch.zeros(b, dtype=torch.bool)
     written[h_rows[leaving]] = True
-    if not torch.equal(o_exit != POISON["exit"], written):
-        wrong = int(((o_exit != POISON["exit"]) != written).sum())
-        return fail(f"exit index differs at {wrong} of {b} rows (rows written that should not be, or missed)")
-    if not torch.equal(o_exit, e_exit):
-        return fail(f"exit index differs at {int((o_exit != e_exit).sum())} rows")
-    if not torch.equal(o_pred, e_pred):
-        return fail(f"pred differs at {int((o_pred != e_pred).sum())} rows")
-    untouched = ~written
-    if bool((o_ent[untouched] != POISON["entropy"]).any()) or not bool(torch.isnan(o_logits[untouched].float()).all()):
-        return fail("a row that stays was written (entropy or logits lost their poison)")
-    if not torch.equal(_bits(o_logits), _bits(e_logits)):
-        return fail("logits not copied bit for bit")
+    got = tuple(t.cpu() for t in got)
+    failure = _buffer_failure(got, want, written)
+    if failure:
+        return Comparison(failure, math.inf, n)
+    o_ent, e_ent = got[3], want[3]
     ge, we = o_ent.double(), e_ent.double()
     nan_g, nan_w = torch.isnan(ge), torch.isnan(we)
     if not torch.equal(nan_g, nan_w):
-        return fail("NaN entropies differ")
+        return Comparison("NaN entropies differ", math.inf, n)
     diff = (ge - we).abs()[~nan_w]
     err = float(diff.max()) if diff.numel() else 0.0
     t = entropy_tolerance(logits.dtype) if tol is None else tol
@@ -417,6 +396,49 @@ def compare_exit_step(step, logits, rows, b, threshold, criterion, exit_index, l
         if failure:
             return Comparison(failure, err, n)
     return Comparison(None, err, n)
+
+
+def _survivor_failure(res, device, rows, r_surv, r_rows, n, permutation, same_order) -> str | None:
+    """What is wrong with ``(survivors, survivor_rows, count)`` against the reference's
+    (``rows``, ``r_surv``, ``r_rows`` on the host, ``n`` survivors), or None."""
+    k = rows.shape[0]
+    bad = _check_outputs(res, k, device)
+    if bad:
+        return bad
+    g_surv, g_rows, g_count = (t.cpu() for t in res)
+    if int(g_count) != n:
+        return f"survivor count {int(g_count)}, reference {n}"
+    if not torch.equal(g_surv[:n].sort().values, r_surv[:n].sort().values):
+        return "survivors differ"
+    if not torch.equal(g_rows[:n], rows[g_surv[:n]]):
+        return "survivor_rows do not match the survivors"
+    if permutation and not (torch.equal(g_surv.sort().values, torch.arange(k))
+                            and torch.equal(g_rows, rows[g_surv])):
+        return "survivors are not a permutation of the K rows"
+    if same_order and not (torch.equal(g_surv, r_surv) and torch.equal(g_rows, r_rows)):
+        return "survivors are not in the reference's order"
+    return None
+
+
+def _buffer_failure(got, want, written) -> str | None:
+    """What differs in the output buffers but the entropy values, or None: the rows
+    written (``written`` [B] bool), exit index, prediction, the poison of the rows that
+    stay, the logits bit for bit. ``got``, ``want``: the four buffers, on the host."""
+    o_logits, o_pred, o_exit, o_ent = got
+    e_logits, e_pred, e_exit, _ = want
+    if not torch.equal(o_exit != POISON["exit"], written):
+        wrong = int(((o_exit != POISON["exit"]) != written).sum())
+        return f"exit index differs at {wrong} of {written.shape[0]} rows (rows written that should not be, or missed)"
+    if not torch.equal(o_exit, e_exit):
+        return f"exit index differs at {int((o_exit != e_exit).sum())} rows"
+    if not torch.equal(o_pred, e_pred):
+        return f"pred differs at {int((o_pred != e_pred).sum())} rows"
+    stays = ~written
+    if bool((o_ent[stays] != POISON["entropy"]).any()) or not bool(torch.isnan(o_logits[stays].float()).all()):
+        return "a row that stays was written (entropy or logits lost their poison)"
+    if not torch.equal(_bits(o_logits), _bits(e_logits)):
+        return "logits not copied bit for bit"
+    return None
 
 
 def _float64_error(logits, rows, written, got_entropy, ref_entropy) -> str | None:
