@@ -7,16 +7,16 @@ import zlib
 import pytest
 import torch
 
+from branchynet import testing
 from branchynet.ops import _torch
 from branchynet.ops._torch import SCALAR_MAX_ELEMENTS, exit_step_torch
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-POISON = -7
+DTYPES = list(testing.DTYPES)
+POISON = testing.POISON["exit"]
 
 
 def _buffers(b, c, dtype):
-    return (torch.full((b, c), 123.0, dtype=dtype), torch.full((b,), POISON, dtype=torch.int64),
-            torch.full((b,), POISON, dtype=torch.int64), torch.full((b,), -1.0))
+    return testing.poisoned_buffers(b, c, dtype, "cpu")
 
 
 def _logits(gen, k, c, dtype, kind):
