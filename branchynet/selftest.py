@@ -15,7 +15,8 @@ them and under the Triton interpreter; this is how a user checks them on their o
 4. On a GPU: the engine syncs with the host once per side exit that still has samples.
 
 Prints a table (device x backend x check: pass / fail, worst error) and returns non-zero
-on any failure.
+on any failure. Samples, poisoned buffers, thresholds, the comparisons and the per-sample
+rule are the verification harness's (:mod:`branchynet.testing`), as in the tests.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from . import ops, testing
+from .config import CRITERIA
 from .ops import _verify
 from .tables import markdown_table
 
@@ -71,123 +73,10 @@ class Row:
             self.worst = max(self.worst, err)
 
 
-def _logits(k: int, c: int, dtype, device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(k, c, generator=g, dtype=torch.float64) * (torch.rand(k, 1, generator=g, dtype=torch.float64) * 8 + 0.05)
-    if k >= 4:
-        z[0, :] = 0.0                      # flat: ties, first index wins
-        z[1, c // 2] = float("nan")        # NaN entropy: never leaves early
-        z[2, :] = -30.0
-        z[2, c - 1] = 30.0                 # confident: scores ~1e-13
-        z[3, :] = -1e4
-        z[3, 0] = 1e4                      # one-hot at +-1e4
-    return z.to(dtype).to(device)
-
-
-def _patterns(logits, criterion):
-    # (threshold, last): everyone leaves, nobody, a split, the last exit.
-    return ((math.inf, False), (0.0, False), (_verify.gap_threshold(logits, criterion), False), (0.0, True))
-
-
-def _interpreted(device: torch.device) -> bool:
-    return device.type == "cpu"
-
-
-def check_exit_step(device, backend, dtype, *, classes=CLASSES, batches=BATCHES, strided=False) -> Row:
-    name = f"exit_step {str(dtype).replace('torch.', '')}" + (" strided out" if strided else "")
-    row = Row(str(device), backend, name)
-    step = ops.kernels(backend)[0]
-    cap = MAX_ELEMS_INTERPRETED if backend == "triton" and _interpreted(device) else MAX_ELEMS
-    for c in classes:
-        for k in batches:
-            if k * c > cap and k > 7:
-                continue
-            logits = _logits(k, c, dtype, device, seed=31 * c + k)
-            b = k + 5
-            rows = torch.randperm(b, generator=torch.Generator().manual_seed(k + c))[:k].to(device)
-            for crit in (0, 1, 2):
-                for t, last in _patterns(logits, crit):
-                    where = f"C={c} K={k} {('entropy', 'max_prob', 'margin')[crit]} T={t:.3g}{' last' if last else ''}"
-                    try:
-                        failure, err = _verify.compare_exit_step(step, logits, rows, b, t, crit, 2, last,
-                                                                 strided=strided)
-                    except Exception as e:  # noqa: BLE001 - a crash is a failed case
-                        failure, err = f"raised {type(e).__name__}: {e}", math.inf
-                    row.add(failure, err, where)
-    return row
-
-
-def check_gather(device, backend) -> Row:
-    row = Row(str(device), backend, "gather_rows")
-    gather = ops.kernels(backend)[1]
-    g = torch.Generator().manual_seed(0)
-    cases = {
-        "2d f32": torch.randn(300, 37, generator=g),
-        "4d f16": torch.randn(300, 3, 5, 5, generator=g).half(),
-        "channels_last f32": torch.randn(300, 16, 4, 4, generator=g).contiguous(memory_format=torch.channels_last),
-        "uint8 odd": torch.randint(0, 255, (300, 3, 3), generator=g, dtype=torch.uint8),
-        "wide bf16": torch.randn(7, 5000, generator=g).bfloat16(),
-    }
-    for name, f in cases.items():
-        f = f.to(device)
-        for m in (0, 1, 7, f.shape[0]):
-            index = torch.randint(0, f.shape[0], (m,), generator=g).to(device)
-            try:
-                failure, err = _verify.compare_gather(gather, f, index)
-            except Exception as e:  # noqa: BLE001
-                failure, err = f"raised {type(e).__name__}: {e}", math.inf
-            row.add(failure, err, f"{name} M={m}")
-    return row
-
-
-def _engine_batch(name: str, device: torch.device) -> int:
-    if device.type == "cuda":
-        return 256
-    return {"b_lenet": 16, "b_alexnet": 8, "b_resnet110": 3}[name]
-
-
-def _split_thresholds(model, x) -> list:
-    """Per side exit, a threshold in the widest gap of the middle of the batch's
-    entropies there: some samples leave at each exit, none sits on the threshold."""
-    from .exits import entropy
-
-    with torch.no_grad():
-        outs = model(x)
-    ts = []
-    for z in outs[:-1]:
-        h = entropy(z.float()).double().cpu().sort().values
-        h = h[torch.isfinite(h)]
-        if h.numel() < 2:
-            ts.append(0.0)
-            continue
-        lo, hi = h.numel() // 3, max(h.numel() * 2 // 3, h.numel() // 3 + 1)
-        gaps = h[lo + 1:hi + 1] - h[lo:hi]
-        i = lo + int(gaps.argmax())
-        ts.append(float((h[i] + h[i + 1]) / 2))
-    return ts
-
-
-def _rule(model, x, thresholds):
-    """The paper's rule one sample at a time: exit n when H < T_n, else the last exit."""
-    out = []
-    with torch.no_grad():
-        for i in range(x.shape[0]):
-            h = x[i:i + 1]
-            for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
-                h = stage(h)
-                z = branch(h)
-                p = torch.softmax(z.double(), 1)
-                ent = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
-                if n == len(model.stages) - 1 or ent < thresholds[n]:
-                    out.append((n, int(z.argmax()), ent))
-                    break
-    return out
-
-
 @contextlib.contextmanager
 def _no_first_use_check():
-    # The engine resolves named backends through the first-use check, which could swap
-    # in another backend; here every backend is tested as itself.
+    # The public op and the engine resolve named backends through the first-use check,
+    # which could swap in another backend; here every backend is tested as itself.
     old = os.environ.get(_verify.ENV)
     os.environ[_verify.ENV] = "0"
     try:
@@ -197,6 +86,59 @@ def _no_first_use_check():
             os.environ.pop(_verify.ENV, None)
         else:
             os.environ[_verify.ENV] = old
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+@_no_first_use_check()
+def check_exit_step(device, backend, dtype, *, classes=CLASSES, batches=BATCHES, strided=False) -> Row:
+    name = f"exit_step {str(dtype).replace('torch.', '')}" + (" strided out" if strided else "")
+    row = Row(str(device), backend, name)
+    step = testing.backend_impl(backend)[0]
+    cap = MAX_ELEMS_INTERPRETED if backend == "triton" and _interpreted(device) else MAX_ELEMS
+    for c in classes:
+        for k in batches:
+            if k * c > cap and k > 7:
+                continue
+            logits = testing.sample_logits(k, c, dtype, device, seed=31 * c + k, special=True)
+            b = k + 5
+            rows = testing.sample_rows(k, b, device, seed=k + c)
+            for crit, crit_name in enumerate(CRITERIA):
+                for _, t, last in testing.exit_patterns(logits, crit):
+                    where = f"C={c} K={k} {crit_name} T={t:.3g}{' last' if last else ''}"
+                    try:
+                        failure, err = testing.compare_exit_step(step, logits, rows, b, t, crit, 2, last,
+                                                                 strided=strided)
+                    except Exception as e:  # noqa: BLE001 - a crash is a failed case
+                        failure, err = f"raised {type(e).__name__}: {e}", math.inf
+                    row.add(failure, err, where)
+    return row
+
+
+@_no_first_use_check()
+def check_gather(device, backend) -> Row:
+    row = Row(str(device), backend, "gather_rows")
+    gather = testing.backend_impl(backend)[1]
+    g = torch.Generator().manual_seed(0)
+    cases = [*testing.gather_samples(300, device),
+             ("wide_bf16", torch.randn(7, 5000, generator=g).bfloat16().to(device))]
+    for name, f in cases:
+        for m in (0, 1, 7, f.shape[0]):
+            index = torch.randint(0, f.shape[0], (m,), generator=g).to(device)
+            try:
+                failure = testing.compare_gather(gather, f, index)
+            except Exception as e:  # noqa: BLE001
+                failure = f"raised {type(e).__name__}: {e}"
+            row.add(failure, 0.0 if failure is None else math.inf, f"{name} M={m}")
+    return row
+
+
+def _engine_batch(name: str, device: torch.device) -> int:
+    if device.type == "cuda":
+        return 256
+    return {"b_lenet": 16, "b_alexnet": 8, "b_resnet110": 3}[name]
 
 
 @contextlib.contextmanager
@@ -221,27 +163,18 @@ def check_engine(device, backend, model_name: str, models: dict) -> Row:
         model = build_model(model_name, num_classes=10).eval()
         b = _engine_batch(model_name, device)
         x = torch.randn(b, *model.input_shape, generator=torch.Generator().manual_seed(1))
-        models[model_name] = (model, x, _split_thresholds(model, x))
+        models[model_name] = (model, x, testing.split_thresholds(model, x))
     model, x, t = models[model_name]
     model = model.to(device)
     try:
         with _full_fp32():
             key = (model_name, str(device))
             if key not in models:  # the rule on the engine's device, once per network
-                models[key] = _rule(model, x.to(device), t)
+                models[key] = testing.per_sample_rule(model, x.to(device), t)
             want = models[key]
             with _no_first_use_check():
                 res = EarlyExitEngine(model, t, backend=backend)(x.to(device))
-        for i, (n, pred, ent) in enumerate(want):
-            got = (int(res.exit[i]), int(res.pred[i]), float(res.entropy[i]))
-            err = abs(got[2] - ent)
-            failure = None
-            if got[0] != n:
-                failure = f"exit {got[0]}, rule {n}"
-            elif got[1] != pred:
-                failure = f"pred {got[1]}, rule {pred}"
-            elif not math.isclose(got[2], ent, rel_tol=1e-4, abs_tol=1e-5):
-                failure = f"entropy {got[2]:.6g}, rule {ent:.6g}"
+        for i, (failure, err) in enumerate(testing.compare_engine(res, want, rel_tol=1e-4, abs_tol=1e-5)):
             row.add(failure, err, f"sample {i}")
         if sum(res.counts) != x.shape[0]:
             row.add(f"counts {res.counts} do not sum to {x.shape[0]}", math.inf, "batch")
@@ -260,7 +193,7 @@ def check_host_syncs(device, backend) -> Row:
     row = Row(str(device), backend, "engine host syncs")
     model = build_model("b_alexnet", num_classes=10).to(device).eval()
     x = torch.randn(256, *model.input_shape, device=device)
-    t = _split_thresholds(model, x)
+    t = testing.split_thresholds(model, x)
     with _no_first_use_check():  # the first call resolves the backend: the one named
         eng = EarlyExitEngine(model, t, backend=backend)
         eng(x)  # lazy initialisation (cuDNN, Triton compilation) may sync

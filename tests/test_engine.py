@@ -1,4 +1,5 @@
-"""The batched engine against the per-sample rule, written out independently here."""
+"""The batched engine against the per-sample rule (the harness's,
+:func:`branchynet.testing.per_sample_rule`: written without the engine or the exit op)."""
 
 import math
 
@@ -10,6 +11,7 @@ from torch import nn
 import branchynet as bn
 from branchynet import EarlyExitEngine, ExitConfig, entropy
 from branchynet.ops import available_backends
+from branchynet.testing import per_sample_rule as rule_by_hand  # the paper's rule, one sample at a time
 
 # every backend that can run here: torch, cpp (when the extension is built), triton
 # (under TRITON_INTERPRET=1 on the CPU; tests/conftest.py sets it without a GPU)
@@ -29,24 +31,6 @@ def random_model(seed, num_exits=3, classes=6, width=12, dtype=torch.float64):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 1.5)
     return model.to(dtype)
-
-
-@torch.no_grad()
-def rule_by_hand(model, x, thresholds):
-    """The paper's rule, one sample at a time, written without the library's engine."""
-    model.eval()
-    out = []
-    for i in range(x.shape[0]):
-        h = x[i:i + 1]
-        for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
-            h = stage(h)
-            z = branch(h)
-            p = torch.softmax(z.double(), 1)
-            ent = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
-            if n == len(model.stages) - 1 or ent < thresholds[n]:
-                out.append((n, int(z.argmax()), ent, z[0]))
-                break
-    return out
 
 
 def check_against_rule(model, x, thresholds, backend="torch"):

@@ -8,7 +8,7 @@ every GPU and is skipped without one.
 import pytest
 import torch
 
-from branchynet import cli, ops, selftest
+from branchynet import cli, ops, selftest, testing
 
 # A small grid: C = 1 (every score 0), 10 (the CUDA/Triton small-C kernels) and 300;
 # K = 0, 1, 7 (odd) and 70 (several Triton programs). Float32 and bfloat16.
@@ -65,14 +65,14 @@ def test_selftest_passes_for_triton_under_the_interpreter():
 
 @pytest.mark.skipif("cpp" not in CPU, reason="branchynet._C is not built")
 def test_a_wrong_backend_fails_the_selftest(monkeypatch):
-    real = ops.kernels
+    real = testing.backend_impl
 
-    def wrong_entropy(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh):
-        res = real("cpp")[0](logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh)
+    def wrong_entropy(logits, rows, threshold, exit_index, ol, op, oe, oh, criterion, last):
+        res = real("cpp")[0](logits, rows, threshold, exit_index, ol, op, oe, oh, criterion, last)
         oh[oe == exit_index] += 1e-3  # a small, systematic error on the rows that leave
         return res
 
-    monkeypatch.setattr(ops, "kernels", lambda b: (wrong_entropy, real(b)[1]) if b == "cpp" else real(b))
+    monkeypatch.setattr(testing, "backend_impl", lambda b: (wrong_entropy, real(b)[1]) if b == "cpp" else real(b))
     lines = []
     code = selftest.main(["cpu"], ["cpp", "torch"], print_fn=lines.append, models=("b_lenet",), **GRID)
     assert code == 1

@@ -7,16 +7,16 @@ import zlib
 import pytest
 import torch
 
+from branchynet import testing
 from branchynet.ops import _torch
 from branchynet.ops._torch import SCALAR_MAX_ELEMENTS, exit_step_torch
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-POISON = -7
+DTYPES = list(testing.DTYPES)
+POISON = testing.POISON["exit"]
 
 
 def _buffers(b, c, dtype):
-    return (torch.full((b, c), 123.0, dtype=dtype), torch.full((b,), POISON, dtype=torch.int64),
-            torch.full((b,), POISON, dtype=torch.int64), torch.full((b,), -1.0))
+    return testing.poisoned_buffers(b, c, dtype, "cpu")
 
 
 def _logits(gen, k, c, dtype, kind):
@@ -42,8 +42,8 @@ def _logits(gen, k, c, dtype, kind):
 def _compare(logits, rows, b, threshold, criterion, last):
     k, c = logits.shape
     got_bufs, ref_bufs = _buffers(b, c, logits.dtype), _buffers(b, c, logits.dtype)
-    got = _torch._exit_step_scalar(logits, rows, threshold, criterion, 2, last, *got_bufs)
-    ref = _torch._exit_step_vectorized(logits, rows, threshold, criterion, 2, last, *ref_bufs)
+    got = _torch._exit_step_scalar(logits, rows, threshold, 2, *got_bufs, criterion, last)
+    ref = _torch._exit_step_vectorized(logits, rows, threshold, 2, *ref_bufs, criterion, last)
     torch.testing.assert_close(got_bufs[0], ref_bufs[0], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got_bufs[1], ref_bufs[1]), "pred"
     assert torch.equal(got_bufs[2], ref_bufs[2]), "exit (which rows left)"
@@ -85,7 +85,7 @@ def test_dispatch_by_size_and_device():
     try:
         for k in (1, SCALAR_MAX_ELEMENTS // 10, SCALAR_MAX_ELEMENTS // 10 + 1):
             z = torch.randn(k, 10)
-            exit_step_torch(z, torch.arange(k), 0.5, 0, 0, False, *_buffers(k, 10, z.dtype))
+            exit_step_torch(z, torch.arange(k), 0.5, 0, *_buffers(k, 10, z.dtype), 0, False)
     finally:
         _torch._exit_step_scalar = real
     assert calls == [(1, 10), (SCALAR_MAX_ELEMENTS // 10, 10)]
@@ -96,7 +96,7 @@ def test_scalar_path_refuses_grad_buffers():
     bufs = list(_buffers(1, 4, z.dtype))
     bufs[3] = bufs[3].requires_grad_()
     with pytest.raises(RuntimeError, match="must not require grad"):
-        _torch._exit_step_scalar(z, torch.arange(1), 10.0, 0, 0, False, *bufs)
+        _torch._exit_step_scalar(z, torch.arange(1), 10.0, 0, *bufs, 0, False)
 
 
 @pytest.mark.parametrize("path", ["_exit_step_scalar", "_exit_step_vectorized"])
@@ -110,6 +110,6 @@ def test_threshold_is_strict_in_float32(path):
     for t, leaves in [(h32, False), (h32 + 1e-12, False), (math.nextafter(h32, 1.0), False),
                       (h32 + 2 ** -23, True)]:
         bufs = _buffers(1, 2, torch.float32)
-        _, _, count = step(torch.zeros(1, 2), torch.arange(1), t, 0, 0, False, *bufs)
+        _, _, count = step(torch.zeros(1, 2), torch.arange(1), t, 0, *bufs, 0, False)
         assert int(count) == (0 if leaves else 1), t
         assert bufs[2].item() == (0 if leaves else POISON)

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from branchynet import EarlyExitEngine, ops
-from branchynet.ops import _verify
+from branchynet import EarlyExitEngine, ops, testing
+from branchynet.ops import _backends, _verify
 
 needs_cpp = pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="branchynet._C is not built")
 
@@ -21,18 +21,18 @@ def fresh(monkeypatch):
 
 def _break_cpp_pred(monkeypatch):
     """The cpp backend with a wrong prediction for every leaving row."""
-    real = ops.kernels
+    real = _backends.implementation
 
-    def step(logits, rows, threshold, criterion, exit_index, last, out_logits, out_pred, out_exit, out_entropy):
-        res = real("cpp")[0](logits, rows, threshold, criterion, exit_index, last,
-                             out_logits, out_pred, out_exit, out_entropy)
+    def step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last):
+        res = real("cpp")[0](logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
+                             criterion, last)
         out_pred[out_exit == exit_index] += 1
         return res
 
-    def kernels(backend):
+    def implementation(backend):
         return (step, real("cpp")[1]) if backend == "cpp" else real(backend)
 
-    monkeypatch.setattr(ops, "kernels", kernels)
+    monkeypatch.setattr(_backends, "implementation", implementation)
 
 
 @needs_cpp
@@ -62,12 +62,12 @@ def test_wrong_answers_warn_once_naming_the_backend_and_fall_back(monkeypatch):
 
 @needs_cpp
 def test_a_backend_that_raises_fails_the_check(monkeypatch):
-    real = ops.kernels
+    real = _backends.implementation
 
     def boom(*args):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(ops, "kernels", lambda b: (boom, real(b)[1]) if b == "cpp" else real(b))
+    monkeypatch.setattr(_backends, "implementation", lambda b: (boom, real(b)[1]) if b == "cpp" else real(b))
     with pytest.warns(RuntimeWarning, match=r"'cpp'.*raised RuntimeError: no kernel image"):
         assert ops.resolve_backend("auto", "cpu") == "torch"
 
@@ -81,52 +81,26 @@ def test_the_environment_variable_turns_the_check_off(monkeypatch):
         assert ops.resolve_backend("auto", "cpu") == "cpp"
 
 
-def test_the_comparison_catches_each_kind_of_wrong_answer():
-    step = ops.kernels("torch")[0]
-    logits = _verify._check_logits(64, 10, "cpu")
-    rows = torch.randperm(70, generator=torch.Generator().manual_seed(0))[:64]
-    t = _verify.gap_threshold(logits, 0)
-    assert _verify.compare_exit_step(step, logits, rows, 70, t, 0, 1, False)[0] is None
-
-    def spoil(what):
-        def bad(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh):
-            res = step(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh)
-            if what == "extra_write":
-                oe[rows[res[0][0]]] = exit_index  # a survivor marked as leaving
-            elif what == "entropy":
-                oh[oe == exit_index] *= 1.001
-            elif what == "logits":
-                ol[rows[res[0][-1]], 0] += 1
-            elif what == "count":
-                res = (res[0], res[1], res[2] + 1)
-            return res
-        return bad
-
-    for what, msg in (("extra_write", "exit index differs"), ("entropy", "entropy off"),
-                      ("logits", "bit for bit"), ("count", "survivor count")):
-        failure, _ = _verify.compare_exit_step(spoil(what), logits, rows, 70, t, 0, 1, False)
-        assert failure is not None and msg in failure, (what, failure)
-
-
 @needs_cpp
 def test_a_wrong_direct_entry_fails_the_check_and_the_engine_falls_back(monkeypatch):
-    # The eager engine calls the extension's exit_step_direct, not the dispatcher op the
-    # rest of the check runs: a fault in its own argument handling must show too.
-    from branchynet import engine
+    # The engine's bound op calls the extension's exit_step_direct, not the dispatcher op
+    # the rest of the check runs: a fault in its own argument handling must show too.
+    from types import SimpleNamespace
+
     from test_engine import random_model
 
-    real = ops._EXT.exit_step_direct
-    assert _verify.compare_direct(real, _verify._check_logits(64, 10, "cpu"), 0, 0.5) is None
+    real = ops._EXT
+    sample = testing.sample_logits(64, 10, torch.float32, "cpu", 0, special=True)
+    assert testing.compare_bound(ops.bind("cpu", "cpp").step, sample, 0, 0.5) is None
 
     def wrong(*args):
-        res = real(*args)
+        res = real.exit_step_direct(*args)
         if len(res) == 7:  # the first exit: the outputs it allocated come back
             res[4][res[5] == 0] += 1  # a wrong prediction for every row leaving there
         return res
 
-    monkeypatch.setattr(ops._EXT, "exit_step_direct", wrong)
-    monkeypatch.setattr(engine, "_DIRECT", None)  # looked up again from the extension
+    monkeypatch.setattr(_backends, "EXT", SimpleNamespace(exit_step_direct=wrong, has_cuda=real.has_cuda))
     model = random_model(3, num_exits=2, dtype=torch.float32).eval()
     eng = EarlyExitEngine(model, [0.5], backend="auto")
-    with pytest.warns(RuntimeWarning, match=r"'cpp'.*exit_step_direct \(the engine's\).*pred differs"):
+    with pytest.warns(RuntimeWarning, match=r"'cpp'.*the bound op \(the engine's\).*pred differs"):
         assert eng.backend_for("cpu") == "torch"
