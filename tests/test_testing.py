@@ -96,8 +96,8 @@ def test_the_float64_rule_catches_an_error_the_tolerance_lets_through():
     logits = testing.sample_logits(64, 10, torch.float32, "cpu", seed=1)
     rows = testing.sample_rows(64, 64, "cpu", seed=1)
 
-    def off(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh):
-        res = STEP(logits, rows, threshold, criterion, exit_index, last, ol, op, oe, oh)
+    def off(logits, rows, threshold, exit_index, ol, op, oe, oh, criterion, last):
+        res = STEP(logits, rows, threshold, exit_index, ol, op, oe, oh, criterion, last)
         oh[oe == exit_index] += 1e-5
         return res
 

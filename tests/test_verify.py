@@ -91,7 +91,7 @@ def test_a_wrong_direct_entry_fails_the_check_and_the_engine_falls_back(monkeypa
 
     real = ops._EXT
     sample = testing.sample_logits(64, 10, torch.float32, "cpu", 0, special=True)
-    assert testing.compare_bound(ops.bind("cpu", "cpp").step, sample, 0, 0.5) is None
+    assert testing.compare_bound(_backends.bound("cpp", torch.device("cpu")).step, sample, 0, 0.5) is None
 
     def wrong(*args):
         res = real.exit_step_direct(*args)
