@@ -129,7 +129,9 @@ def _extension():
                 _note(f"built branchynet._C with CPU kernels ({reason})")
             out = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), bb.RECORD)
             with open(out, "w") as fh:
-                json.dump(bb.record(kind, "ahead of time", reason), fh)
+                # The sources' hash: a _C built from other sources is not loaded (its op
+                # registrations may clash with this package's, which would abort the process).
+                json.dump(bb.record(kind, "ahead of time", reason, source=bb.source_hash("csrc")), fh)
 
         def copy_extensions_to_source(self):
             # --inplace / editable: the record goes beside the module it describes.

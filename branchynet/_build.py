@@ -486,6 +486,19 @@ def _install_as_C(mod) -> None:
         setattr(pkg, "_C", mod)
 
 
+def _stale_sources(rec: dict | None) -> str | None:
+    """Why an ahead-of-time ``_C`` with this record was built from other sources than the
+    ones shipped here, or None (the same sources, or none shipped to compare with)."""
+    root = csrc_dir()
+    if rec is None or root is None:
+        return None
+    if "source" not in rec:
+        return "the sources of an older branchynet (its record has no source hash)"
+    if rec["source"] != source_hash(root):
+        return f"other sources than {root} (changed since the build)"
+    return None
+
+
 def _aot_record(folder: str):
     """The record written beside an ahead-of-time ``_C`` (which build, for which torch), or None."""
     path = os.path.join(folder, RECORD)
@@ -520,6 +533,11 @@ def load_extension(build_if_missing: bool):
             # torch can crash the process rather than raise, so it is not even tried.
             raise ImportError(f"branchynet._C was built for torch {rec['torch']}, this is torch "
                               f"{torch.__version__}")
+        stale = _stale_sources(rec)
+        if stale:
+            # Nor one built from other sources (a checkout updated without a rebuild): an
+            # older _C defines the op schemas itself, and two definitions abort the process.
+            raise ImportError(f"branchynet._C was built from {stale}")
         mod = importlib.import_module(MODULE)
         _STATE["record"] = rec or record("cuda" if mod.has_cuda() else "cpu", "ahead of time", "")
         return mod, None

@@ -480,10 +480,17 @@ def test_info_and_build_commands(capsys):
         assert "branchynet._C is there" in capsys.readouterr().out
 
 
-def test_an_extension_built_for_another_torch_is_not_imported(tmp_path):
-    # A copy of the checkout whose _C record names another torch: the module is not
-    # imported (its ABI may crash the process), the reason is given, and with no cached
-    # build and the just-in-time build off, the torch path takes over.
+@pytest.mark.parametrize("change,reason", [
+    ({"torch": "0.0.1"}, "built for torch 0.0.1"),
+    # Built from other sources, or by a branchynet whose record had no source hash: an
+    # older _C defines the op schemas itself, and loading it would abort the process.
+    ({"source": "0" * 64}, "built from other sources"),
+    ({"source": None}, "the sources of an older branchynet"),
+], ids=["other-torch", "other-sources", "no-source-hash"])
+def test_an_extension_built_for_another_torch_is_not_imported(tmp_path, change, reason):
+    # A copy of the checkout whose _C record names another torch (or other sources): the
+    # module is not imported (its ABI may crash the process), the reason is given, and
+    # with no cached build and the just-in-time build off, the torch path takes over.
     root = Path(branchynet.__file__).parent.parent
     if not list((root / "branchynet").glob("_C*.so")):
         pytest.skip("no ahead-of-time extension in this checkout")
@@ -491,7 +498,9 @@ def test_an_extension_built_for_another_torch_is_not_imported(tmp_path):
     for name in ("branchynet", "kernels", "csrc"):
         shutil.copytree(root / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
     rec = copy / "branchynet" / _build.RECORD
-    rec.write_text(json.dumps({**(json.loads(rec.read_text()) if rec.exists() else {}), "torch": "0.0.1"}))
+    old = json.loads(rec.read_text()) if rec.exists() else {"source": _build.source_hash(str(copy / "csrc"))}
+    new = {k: v for k, v in {**old, **change}.items() if v is not None}
+    rec.write_text(json.dumps(new))
     code = """
 import json, sys
 import branchynet.ops as o
@@ -506,4 +515,15 @@ print(json.dumps({"status": o.backend_status(), "imported": "branchynet._C" in s
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(copy)), out["file"]
     assert out["imported"] is False and out["status"]["auto_cpu"] == "torch"
-    assert "built for torch 0.0.1" in out["status"]["extension"], out["status"]
+    assert reason in out["status"]["extension"], out["status"]
+
+
+def test_an_extension_built_from_these_sources_is_imported():
+    # The guard above must not refuse the build of the current sources.
+    rec = _build._aot_record(str(Path(branchynet.__file__).parent))
+    from branchynet import ops
+
+    if rec is None or ops._EXT is None or _build.csrc_dir() is None:
+        pytest.skip("no ahead-of-time extension with a record in this checkout")
+    assert _build._stale_sources(rec) is None
+    assert "other sources than" in (_build._stale_sources({**rec, "source": "0" * 64}) or "")
