@@ -351,19 +351,27 @@ def run_selftest(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchynet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_train, _add_calibrate, _add_tools):
+        add(sub)
+    return p
 
-    def common(sp, model=True):
-        if model:
-            sp.add_argument("--model", default="b-lenet", choices=MODEL_CHOICES)
-        sp.add_argument("--dataset", default=None,
-                        help="mnist-5k (offline), digits (offline), mnist, fashion-mnist, cifar10 "
-                             "(default: mnist-5k for b-lenet, cifar10 otherwise)")
-        sp.add_argument("--data-root", default=None, help="folder with the standard data files")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--seed", type=int, default=0)
 
+def _common(sp, model=True) -> None:
+    """The flags every data-set command takes."""
+    if model:
+        sp.add_argument("--model", default="b-lenet", choices=MODEL_CHOICES)
+    sp.add_argument("--dataset", default=None,
+                    help="mnist-5k (offline), digits (offline), mnist, fashion-mnist, cifar10 "
+                         "(default: mnist-5k for b-lenet, cifar10 otherwise)")
+    sp.add_argument("--data-root", default=None, help="folder with the standard data files")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--seed", type=int, default=0)
+
+
+def _add_demo(sub) -> None:
+    """``branchynet demo``."""
     d = sub.add_parser("demo", help="train, calibrate and print the paper's Table I for this machine")
-    common(d)
+    _common(d)
     d.add_argument("--epochs", type=_positive_int, default=15)
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--batch-size", type=_positive_int, default=64)
@@ -381,8 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
+
+def _add_train(sub) -> None:
+    """``branchynet train``."""
     t = sub.add_parser("train", help="joint-loss training to a checkpoint")
-    common(t)
+    _common(t)
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=_positive_int, default=64)
@@ -401,8 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
 
+
+def _add_calibrate(sub) -> None:
+    """``branchynet calibrate``."""
     c = sub.add_parser("calibrate", help="sweep thresholds on the validation split")
-    common(c, model=False)
+    _common(c, model=False)
     c.add_argument("checkpoint")
     c.add_argument("--max-drop", type=_fraction, default=None,
                    help="accuracy drop allowed below the final exit (0.005 = 0.5 pt; the default "
@@ -422,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the chosen thresholds (and temperatures) in the checkpoint")
     c.set_defaults(func=run_calibrate)
 
+
+def _add_tools(sub) -> None:
+    """``branchynet bench``, ``build``, ``info``, ``selftest``."""
     b = sub.add_parser("bench", help="time a checkpoint against its backbone-only twin")
-    common(b, model=False)
+    _common(b, model=False)
     b.add_argument("checkpoint")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
     b.add_argument("--backend", default="auto")
@@ -447,8 +464,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
     st.add_argument("--quick", action="store_true", help="a smaller grid (fp32/fp16, 4 class counts)")
     st.set_defaults(func=run_selftest)
-    return p
-
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
