@@ -17,7 +17,9 @@ from .distributed import all_reduce_sum, world_size
 from .loss import joint_loss
 from .models.branchynet import BranchyNet
 
-__all__ = ["forward_frozen", "train_epoch", "trainable", "wrap_ddp"]
+__all__ = ["AMP_DTYPES", "check_amp", "forward_frozen", "train_epoch", "trainable", "wrap_ddp"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_epoch(model, loader, opt, w, device, progress, desc, ddp=None, amp_dtype=None, scaler=None,
@@ -183,3 +185,16 @@ def forward_frozen(model, x) -> list:
         if n < last:
             outputs.append(branch(x))
     return outputs
+
+
+def check_amp(amp, device: torch.device):
+    """The autocast dtype of ``amp`` (None: off), refused where this device cannot run it."""
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"amp={amp!r}: torch has no autocast for device type {device.type!r}")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"amp='bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use amp='fp16'")
+    return AMP_DTYPES[amp]

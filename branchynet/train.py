@@ -25,14 +25,13 @@ from .checkpoint import CheckpointError, read_checkpoint, rng_state, save_checkp
 from .config import ExitConfig, check_weights
 from .data import DataSplits
 from .distributed import all_reduce_sum, barrier, gather_objects, is_distributed, is_main, rank, world_size
-from .epoch import train_epoch, trainable, wrap_ddp
+from .epoch import AMP_DTYPES, check_amp, train_epoch, trainable, wrap_ddp  # noqa: F401 (AMP_DTYPES: still importable from here)
 from .loaders import eval_loader, shard, train_loaders
 from .models.branchynet import BranchyNet
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainHistory", "TrainSettings", "evaluate", "train"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FREEZE = (None, "backbone")
 SCHEDULES = (None, "cosine")
 
@@ -152,7 +151,6 @@ class TrainHistory:
                       for f in fields(cls)})
 
 
-
 def train(model: BranchyNet, data, settings: TrainSettings | None = None, *, val=None,
           **kwargs) -> TrainHistory:
     """Train a BranchyNet with the joint loss.
@@ -191,7 +189,7 @@ def train(model: BranchyNet, data, settings: TrainSettings | None = None, *, val
     s = _settings(settings, kwargs)
     weights = _check_settings(model, s)
     device = torch.device(s.device)
-    amp_dtype = _check_amp(s.amp, device)
+    amp_dtype = check_amp(s.amp, device)
     model.to(device)
     loader, val_data = train_loaders(data, val, s.batch_size, device)
     run = _Run(model, s, device, loader,
@@ -474,18 +472,6 @@ def evaluate(
 
 
 # -- internals -----------------------------------------------------------------------------
-
-
-def _check_amp(amp, device: torch.device):
-    if amp is None:
-        return None
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    if not torch.amp.is_autocast_available(device.type):
-        raise ValueError(f"amp={amp!r}: torch has no autocast for device type {device.type!r}")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"amp='bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use amp='fp16'")
-    return AMP_DTYPES[amp]
 
 
 def _make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
