@@ -397,7 +397,8 @@ def _add_train(sub) -> None:
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--weights", type=_float_list, default=None, help="joint-loss weights, comma separated, one per exit")
+    t.add_argument("--weights", type=_float_list, default=None,
+                   help="joint-loss weights, comma separated, one per exit")
     t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
     t.add_argument("--arch", default=None, help="torchvision:NAME, exits on a torchvision model (instead of --model)")
     t.add_argument("--after", type=_name_list, default=None, help="with --arch: module names to put exits after")
