@@ -69,11 +69,11 @@ def _float_list(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _build(name: str, splits, exit_config: ExitConfig | None = None):
+def _build(name: str, splits):
     from .demo import build_for_data
 
     with _data_mismatch_exits():
-        return build_for_data(name, splits, exit_config)
+        return build_for_data(name, splits)
 
 
 def _check_fits(model, splits, what: str) -> None:

@@ -257,6 +257,7 @@ def measure_table_i(model, baseline, x, y, thresholds, *, name: str, device, bac
         t0 = time.perf_counter()
         compiled = _compile_pair(model, baseline, thresholds, x, backend, compile)
         compile_seconds = time.perf_counter() - t0
+    ideal = profile_flops(model).ideal_speedup(res.exit_fractions)
     n1 = min(time_samples, x.shape[0])
     x1 = x[:n1]
     # the paper's regime: one sample at a time through the exits it needs
@@ -265,7 +266,7 @@ def measure_table_i(model, baseline, x, y, thresholds, *, name: str, device, bac
     compiled_times = None if compiled is None else _time_rows(*compiled, x1, x, repeats)
     return TableI(label=_LABELS.get(name.replace("_", "-"), name), acc_backbone=acc_base, acc_branchy=acc_b,
                   thresholds=thresholds, exit_fractions=res.exit_fractions,
-                  ideal_gain=profile_flops(model).ideal_speedup(res.exit_fractions), times=times,
+                  ideal_gain=ideal, times=times,
                   backend=engine.backend_for(device), n_test=x.shape[0], n_b1=n1,
                   compiled=compiled_times, compile_seconds=compile_seconds)
 
