@@ -253,11 +253,9 @@ def run_calibrate(args) -> None:
 
 
 def run_bench(args) -> None:
+    from .bench import bench_against_backbone
     from .data import load_dataset
     from .demo import fmt_ms, split_tensors
-    from .engine import EarlyExitEngine
-    from .flops import profile_flops
-    from .timing import time_per_sample
 
     model, extra, dataset = _open_checkpoint(args)
     if dataset:
@@ -271,21 +269,13 @@ def run_bench(args) -> None:
     if too_big:
         raise SystemExit(f"error: --batch-sizes {too_big} exceed the {x.shape[0]} samples available "
                          f"(--samples {args.samples})")
-    engine = EarlyExitEngine(model, backend=args.backend)
-    baseline = model.backbone_only().eval()
-    res = engine(x)
-    ideal = profile_flops(model).ideal_speedup(res.exit_fractions)
-    rows = []
-    for b in args.batch_sizes:
-        xs = x[: max(b, args.samples_b1 if b == 1 else x.shape[0])]
-        tb = time_per_sample(baseline, xs, b, repeats=args.repeats)
-        te = time_per_sample(engine.per_sample if b == 1 and args.per_sample_b1 else engine, xs, b,
-                             repeats=args.repeats)
-        rows.append([b, fmt_ms(tb.median), fmt_ms(te.median), f"{tb.median / te.median:.2f}x",
-                     f"{ideal:.2f}x", f"{tb.median / te.median / ideal:.2f}"])
-    print(f"{args.checkpoint}: thresholds {list(engine.thresholds)}, exits "
-          f"{[round(100 * f, 1) for f in res.exit_fractions]} %, device {args.device}, "
-          f"backend {engine.backend_for(args.device)}")
+    bench = bench_against_backbone(model, x, args.batch_sizes, backend=args.backend, repeats=args.repeats,
+                                   samples_b1=args.samples_b1, per_sample_b1=args.per_sample_b1)
+    rows = [[r.batch, fmt_ms(r.backbone), fmt_ms(r.engine), f"{r.gain:.2f}x", f"{r.ideal_gain:.2f}x",
+             f"{r.efficiency:.2f}"] for r in bench.rows]
+    print(f"{args.checkpoint}: thresholds {bench.thresholds}, exits "
+          f"{[round(100 * f, 1) for f in bench.exit_fractions]} %, device {args.device}, "
+          f"backend {bench.backend}")
     print(_markdown(["batch", "backbone ms/sample", "engine ms/sample", "gain", "ideal gain", "efficiency"],
                     rows))
 
