@@ -40,6 +40,7 @@ from .models import BranchyNet, from_sequential, from_stages  # noqa: E402
 from .models import attach_exits  # noqa: E402
 from .engine import EarlyExitEngine, ExitResult  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, load_engine, save_checkpoint  # noqa: E402
+from .train import TrainSettings  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -59,4 +60,5 @@ __all__ = [
     "load_checkpoint",
     "load_engine",
     "save_checkpoint",
+    "TrainSettings",
 ]

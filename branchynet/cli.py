@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -69,82 +70,29 @@ def _float_list(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _model_kwargs(name: str, splits) -> dict:
-    kw = {"num_classes": splits.num_classes}
-    if name.replace("-", "_") == "b_lenet":
-        kw["in_channels"] = splits.input_shape[0]
-    return kw
+def _build(name: str, splits):
+    from .demo import build_for_data
 
-
-def _build(name: str, splits, exit_config: ExitConfig | None = None):
-    from .models.registry import build_model
-
-    model = build_model(name, **_model_kwargs(name, splits))
-    _check_fits(model, splits, name)
-    if exit_config is not None:
-        model.exit_config = exit_config
-    return model
+    with _data_mismatch_exits():
+        return build_for_data(name, splits)
 
 
 def _check_fits(model, splits, what: str) -> None:
-    """Refuse a data set the model cannot take: its forward pass would fail deep inside,
-    or accuracy would be measured against labels the model cannot predict."""
-    if model.input_shape is not None and tuple(model.input_shape) != tuple(splits.input_shape):
-        raise SystemExit(
-            f"error: {what} takes inputs of shape {tuple(model.input_shape)} but data set "
-            f"{splits.name!r} has {tuple(splits.input_shape)}; pick a matching --dataset")
-    if model.num_classes is not None and model.num_classes != splits.num_classes:
-        raise SystemExit(
-            f"error: {what} predicts {model.num_classes} classes but data set {splits.name!r} "
-            f"has {splits.num_classes}; pick a matching --dataset")
+    from .demo import check_fits
+
+    with _data_mismatch_exits():
+        check_fits(model, splits, what)
 
 
-def _tensors(ds, limit=None):
-    x, y = ds.tensors if hasattr(ds, "tensors") else map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
-    return (x[:limit], y[:limit]) if limit else (x, y)
+@contextlib.contextmanager
+def _data_mismatch_exits():
+    """A model that cannot take the data set is the user's choice of flags: a message."""
+    from .demo import DataMismatch
 
-
-def _fmt_ms(t):
-    return f"{t * 1e3:.3f}"
-
-
-def _calibrate_and_write(model, splits, device, out: Path, *, batch_size=256, test=None, **targets):
-    """Calibrate on the validation split for ``targets`` (``calibrate``'s), with segment
-    times measured at ``batch_size``; write the sweep (CSV) and the Pareto plot (PNG)
-    into ``out``. Under torchrun each rank scores its part of the split and rank 0 alone
-    searches, times and writes (the other ranks get None)."""
-    from .calibrate import calibrate
-    from .distributed import gather_exit_table, gather_objects, is_distributed, is_main
-
-    # Temperature scaling refits the exits on the logits and rescores after folding, so
-    # it runs on rank 0 over the whole split rather than from gathered scores.
-    table = None if targets.get("temperature") else gather_exit_table(model, splits.val, device=device)
-    cal = failed = None
-    if is_main():
-        try:
-            cal = calibrate(model, splits.val, latency=True, batch_size=batch_size, device=device,
-                            test=test, table=table, **targets)
-        except ValueError as err:  # TargetUnreachable among them: rank 0 reports it
-            failed = err
-    if is_distributed() and gather_objects(failed is not None)[0]:
-        # Rank 0's search failed: every rank leaves with it, rather than wait in a barrier
-        # that rank 0 never reaches (its message is printed once, by rank 0).
-        main_rank = is_main()
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        if not main_rank:
-            raise SystemExit(2)
-    if failed is not None:
-        raise failed
-    if not is_main():
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    cal.to_csv(out / "calibration.csv")
     try:
-        cal.plot(out / "pareto.png")
-    except ImportError:
-        print("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
-    return cal
+        yield
+    except DataMismatch as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def _open_checkpoint(args):
@@ -158,124 +106,59 @@ def _open_checkpoint(args):
 
 # --- demo ------------------------------------------------------------------------------
 
+def _print_table_i(table, dataset: str, device: torch.device, repeats: int) -> None:
+    from .demo import TABLE_I_HEAD
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    print()
+    print(f"Table I on this machine ({device.type}: {dev_name}, {torch.get_num_threads()} threads, "
+          f"exit-op backend {table.backend}, "
+          f"torch {torch.__version__}); {dataset} test split, {table.n_test} samples; "
+          f"times are medians of {repeats} runs (B=1 over {table.n_b1} samples)")
+    print(markdown_table(TABLE_I_HEAD, table.rows()))
+
+
 def run_demo(args) -> dict:
     """Train a B-model and its backbone-only twin, calibrate, time, print Table I."""
     from .checkpoint import save_checkpoint
-    from .data import default_dataset_for, load_dataset
+    from .data import default_dataset_for
+    from .demo import calibrate_and_write, demo_splits, measure_table_i, split_tensors, train_with_twin
     from .distributed import init_from_env, is_main
-    from .engine import EarlyExitEngine
-    from .flops import profile_flops
-    from .timing import time_fn, time_per_sample
-    from .train import train
+    from .train import TrainSettings
 
     device = init_from_env(args.device).device
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.model
-    dataset = args.dataset or default_dataset_for(name.replace("-", "_"))
+    dataset = args.dataset or default_dataset_for(args.model.replace("-", "_"))
     out = Path(args.out)  # created by the calibration step, which writes there first
-    splits = load_dataset(dataset, args.data_root, seed=args.seed)
-    if args.limit:
-        splits.train = torch.utils.data.Subset(splits.train, range(min(args.limit, len(splits.train))))
-    if is_main():
-        print(f"data: {dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-              f"{splits.num_classes} classes, input {tuple(splits.input_shape)}", flush=True)
-
-    model = _build(name, splits).to(device)
-    n = model.num_exits
+    splits = demo_splits(dataset, args.data_root, seed=args.seed, limit=args.limit)
     say = print if is_main() else (lambda *a, **k: None)
-    say(f"training {name} ({n} exits, joint loss) for {args.epochs} epochs", flush=True)
-    train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
-          seed=args.seed, progress=not args.quiet)
-    twin = _build(name, splits, ExitConfig(n, weights=[0.0] * (n - 1) + [1.0])).to(device)
-    say(f"training its backbone-only twin (final exit only) for {args.epochs} epochs", flush=True)
-    train(twin, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
-          seed=args.seed, progress=not args.quiet)
-    baseline = twin.backbone_only().eval()
-    model.eval()
-
-    cal = _calibrate_and_write(model, splits, device, out, max_drop=args.max_drop)
+    say(f"data: {dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+        f"{splits.num_classes} classes, input {tuple(splits.input_shape)}", flush=True)
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
+                             seed=args.seed, progress=not args.quiet)
+    with _data_mismatch_exits():
+        model, baseline = train_with_twin(args.model, splits, settings, say=say)
+    cal = calibrate_and_write(model, splits, device, out, max_drop=args.max_drop)
     if not is_main():  # rank 0 alone times the engine and writes the results
         return {}
     thresholds = cal.chosen["thresholds"]
     model.exit_config.thresholds = thresholds
     save_checkpoint(out / "model.pt", model, extra={"dataset": dataset, "seed": args.seed})
-
-    xt, yt = _tensors(splits.test)
-    xt, yt = xt.to(device), yt.to(device)
-    engine = EarlyExitEngine(model, thresholds, backend=args.backend)
-    with torch.inference_mode():
-        res = engine(xt)
-        acc_b = float((res.pred == yt).float().mean())
-        acc_base = float((baseline(xt).argmax(1) == yt).float().mean())
-    compiled = None
-    if args.compile:
-        # Compiled twins of both rows (torch.compile, dynamic batch); compile time apart.
-        import time
-
-        t0 = time.perf_counter()
-        compiled = EarlyExitEngine(model, thresholds, backend=args.backend, compile=args.compile)
-        compiled.warmup([1, 256], x=xt)
-        baseline_c = torch.compile(baseline, dynamic=True, mode=None if args.compile is True else args.compile)
-        with torch.inference_mode():
-            for b in (1, 256):
-                baseline_c(xt[:b])
-        print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-    fracs = res.exit_fractions
-    ideal = profile_flops(model).ideal_speedup(fracs)
-
-    n1 = min(args.time_samples, xt.shape[0])
-    x1 = xt[:n1]
-    t_base_1 = time_per_sample(baseline, x1, 1, repeats=args.repeats)
-    # the paper's regime: one sample at a time through the exits it needs
-    t_b_1 = time_fn(lambda: engine.per_sample(x1), repeats=args.repeats, device=device).scaled(1.0 / n1)
-    t_base_256 = time_per_sample(baseline, xt, 256, repeats=args.repeats)
-    t_b_256 = time_per_sample(engine, xt, 256, repeats=args.repeats)
-
-    label = {"b-lenet": "LeNet", "b-alexnet": "AlexNet", "b-resnet110": "ResNet-110"}.get(
-        name.replace("_", "-"), name)
-    rows = [
-        [label, f"{100 * acc_base:.2f}", _fmt_ms(t_base_1.median), "-", _fmt_ms(t_base_256.median), "-",
-         "-", "-", "-"],
-        ["B-" + label, f"{100 * acc_b:.2f}", _fmt_ms(t_b_1.median),
-         f"{t_base_1.median / t_b_1.median:.2f}x", _fmt_ms(t_b_256.median),
-         f"{t_base_256.median / t_b_256.median:.2f}x",
-         ", ".join(f"{t:.4g}" for t in thresholds), ", ".join(f"{100 * f:.1f}" for f in fracs),
-         f"{ideal:.2f}x"],
-    ]
-    if compiled is not None:
-        # Same rows compiled; gains against the compiled backbone.
-        tc_base_1 = time_per_sample(baseline_c, x1, 1, repeats=args.repeats)
-        tc_b_1 = time_per_sample(compiled, x1, 1, repeats=args.repeats)
-        tc_base_256 = time_per_sample(baseline_c, xt, 256, repeats=args.repeats)
-        tc_b_256 = time_per_sample(compiled, xt, 256, repeats=args.repeats)
-        rows += [
-            [label + " (compiled)", f"{100 * acc_base:.2f}", _fmt_ms(tc_base_1.median), "-",
-             _fmt_ms(tc_base_256.median), "-", "-", "-", "-"],
-            ["B-" + label + " (compiled)", f"{100 * acc_b:.2f}", _fmt_ms(tc_b_1.median),
-             f"{tc_base_1.median / tc_b_1.median:.2f}x", _fmt_ms(tc_b_256.median),
-             f"{tc_base_256.median / tc_b_256.median:.2f}x", rows[1][6], rows[1][7], rows[1][8]],
-        ]
-    head = ["network", "acc %", "ms/sample B=1", "gain B=1", "ms/sample B=256", "gain B=256",
-            "T", "exit % per exit", "ideal gain (FLOPs)"]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        platform.processor() or platform.machine())
-    print()
-    print(f"Table I on this machine ({device.type}: {dev_name}, {torch.get_num_threads()} threads, "
-          f"exit-op backend {engine.backend_for(device)}, "
-          f"torch {torch.__version__}); {dataset} test split, {xt.shape[0]} samples; "
-          f"times are medians of {args.repeats} runs (B=1 over {n1} samples)")
-    print(markdown_table(head, rows))
+    x, y = (t.to(device) for t in split_tensors(splits.test))
+    table = measure_table_i(model, baseline, x, y, thresholds, name=args.model, device=device,
+                            backend=args.backend, compile=args.compile, time_samples=args.time_samples,
+                            repeats=args.repeats)
+    if table.compile_seconds is not None:
+        print(f"compiled in {table.compile_seconds:.0f} s", flush=True)
+    _print_table_i(table, dataset, device, args.repeats)
     print(f"\ncalibration: {len(cal.rows)} threshold combinations on the validation split "
           f"(target: at most {100 * args.max_drop:.1f} pt below the final exit, "
           f"{'met' if cal.target['met'] else 'NOT met'}); "
           f"sweep in {out / 'calibration.csv'}, plot in {out / 'pareto.png'}, model in {out / 'model.pt'}")
-    summary = {"dataset": dataset, "model": name, "acc_backbone": acc_base, "acc_branchy": acc_b,
-               "thresholds": thresholds, "exit_fractions": fracs, "ideal_gain": ideal,
-               "ms_b1": [t_base_1.median * 1e3, t_b_1.median * 1e3],
-               "ms_b256": [t_base_256.median * 1e3, t_b_256.median * 1e3],
-               "gain_b1": t_base_1.median / t_b_1.median, "gain_b256": t_base_256.median / t_b_256.median}
+    summary = table.summary(dataset, args.model)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -285,7 +168,7 @@ def run_demo(args) -> dict:
 def run_train(args) -> None:
     from .data import default_dataset_for, load_dataset
     from .distributed import init_from_env, is_main
-    from .train import evaluate, train
+    from .train import TrainSettings, evaluate, train
 
     if args.arch is None and (args.after or args.pretrained):
         raise SystemExit("error: --after and --pretrained go with --arch torchvision:NAME")
@@ -303,10 +186,10 @@ def run_train(args) -> None:
         model.exit_config = ExitConfig(model.num_exits, weights=args.weights)
     # One file: the weights and the training state (to --resume), plus the data set the
     # later commands need, saved after every epoch.
-    train(model, splits, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
-          seed=args.seed, checkpoint=args.out, resume=args.resume, progress=not args.quiet,
-          main_first_epochs=args.main_first, extra={"dataset": dataset, "seed": args.seed}, amp=args.amp,
-          freeze=args.freeze, distill=args.distill)
+    train(model, splits, TrainSettings(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device, seed=args.seed,
+        checkpoint=args.out, resume=args.resume, progress=not args.quiet, main_first_epochs=args.main_first,
+        extra={"dataset": dataset, "seed": args.seed}, amp=args.amp, freeze=args.freeze, distill=args.distill))
     acc = evaluate(model, splits.test, device=device)
     if is_main():
         print(json.dumps(acc, indent=2, default=float))
@@ -333,6 +216,7 @@ def run_calibrate(args) -> None:
     from .calibrate import TargetUnreachable
     from .checkpoint import update_checkpoint
     from .data import load_dataset
+    from .demo import calibrate_and_write
     from .distributed import init_from_env
 
     args.device = str(init_from_env(args.device).device)
@@ -343,7 +227,7 @@ def run_calibrate(args) -> None:
     _check_fits(model, splits, args.checkpoint)
     out = Path(args.out)
     try:
-        cal = _calibrate_and_write(
+        cal = calibrate_and_write(
             model, splits, args.device, out, batch_size=args.batch_size, test=splits.test,
             max_drop=args.max_drop, min_accuracy=args.min_accuracy, max_flops=args.max_flops,
             max_latency=None if args.max_latency_ms is None else args.max_latency_ms / 1e3,
@@ -364,16 +248,15 @@ def run_calibrate(args) -> None:
 
 
 def run_bench(args) -> None:
+    from .bench import bench_against_backbone
     from .data import load_dataset
-    from .engine import EarlyExitEngine
-    from .flops import profile_flops
-    from .timing import time_per_sample
+    from .demo import fmt_ms, split_tensors
 
     model, extra, dataset = _open_checkpoint(args)
     if dataset:
         splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))
         _check_fits(model, splits, args.checkpoint)
-        x, _ = _tensors(splits.test)
+        x, _ = split_tensors(splits.test)
     else:
         x = torch.randn(1024, *model.input_shape)
     x = x[: args.samples].to(args.device)
@@ -381,21 +264,13 @@ def run_bench(args) -> None:
     if too_big:
         raise SystemExit(f"error: --batch-sizes {too_big} exceed the {x.shape[0]} samples available "
                          f"(--samples {args.samples})")
-    engine = EarlyExitEngine(model, backend=args.backend)
-    baseline = model.backbone_only().eval()
-    res = engine(x)
-    ideal = profile_flops(model).ideal_speedup(res.exit_fractions)
-    rows = []
-    for b in args.batch_sizes:
-        xs = x[: max(b, args.samples_b1 if b == 1 else x.shape[0])]
-        tb = time_per_sample(baseline, xs, b, repeats=args.repeats)
-        te = time_per_sample(engine.per_sample if b == 1 and args.per_sample_b1 else engine, xs, b,
-                             repeats=args.repeats)
-        rows.append([b, _fmt_ms(tb.median), _fmt_ms(te.median), f"{tb.median / te.median:.2f}x",
-                     f"{ideal:.2f}x", f"{tb.median / te.median / ideal:.2f}"])
-    print(f"{args.checkpoint}: thresholds {list(engine.thresholds)}, exits "
-          f"{[round(100 * f, 1) for f in res.exit_fractions]} %, device {args.device}, "
-          f"backend {engine.backend_for(args.device)}")
+    bench = bench_against_backbone(model, x, args.batch_sizes, backend=args.backend, repeats=args.repeats,
+                                   samples_b1=args.samples_b1, per_sample_b1=args.per_sample_b1)
+    rows = [[r.batch, fmt_ms(r.backbone), fmt_ms(r.engine), f"{r.gain:.2f}x", f"{r.ideal_gain:.2f}x",
+             f"{r.efficiency:.2f}"] for r in bench.rows]
+    print(f"{args.checkpoint}: thresholds {bench.thresholds}, exits "
+          f"{[round(100 * f, 1) for f in bench.exit_fractions]} %, device {args.device}, "
+          f"backend {bench.backend}")
     print(markdown_table(["batch", "backbone ms/sample", "engine ms/sample", "gain", "ideal gain", "efficiency"],
                     rows))
 
@@ -461,19 +336,27 @@ def run_selftest(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchynet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_train, _add_calibrate, _add_tools):
+        add(sub)
+    return p
 
-    def common(sp, model=True):
-        if model:
-            sp.add_argument("--model", default="b-lenet", choices=MODEL_CHOICES)
-        sp.add_argument("--dataset", default=None,
-                        help="mnist-5k (offline), digits (offline), mnist, fashion-mnist, cifar10 "
-                             "(default: mnist-5k for b-lenet, cifar10 otherwise)")
-        sp.add_argument("--data-root", default=None, help="folder with the standard data files")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--seed", type=int, default=0)
 
+def _common(sp, model=True) -> None:
+    """The flags every data-set command takes."""
+    if model:
+        sp.add_argument("--model", default="b-lenet", choices=MODEL_CHOICES)
+    sp.add_argument("--dataset", default=None,
+                    help="mnist-5k (offline), digits (offline), mnist, fashion-mnist, cifar10 "
+                         "(default: mnist-5k for b-lenet, cifar10 otherwise)")
+    sp.add_argument("--data-root", default=None, help="folder with the standard data files")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--seed", type=int, default=0)
+
+
+def _add_demo(sub) -> None:
+    """``branchynet demo``."""
     d = sub.add_parser("demo", help="train, calibrate and print the paper's Table I for this machine")
-    common(d)
+    _common(d)
     d.add_argument("--epochs", type=_positive_int, default=15)
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--batch-size", type=_positive_int, default=64)
@@ -491,12 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
+
+def _add_train(sub) -> None:
+    """``branchynet train``."""
     t = sub.add_parser("train", help="joint-loss training to a checkpoint")
-    common(t)
+    _common(t)
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--weights", type=_float_list, default=None, help="joint-loss weights, comma separated, one per exit")
+    t.add_argument("--weights", type=_float_list, default=None,
+                   help="joint-loss weights, comma separated, one per exit")
     t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
     t.add_argument("--arch", default=None, help="torchvision:NAME, exits on a torchvision model (instead of --model)")
     t.add_argument("--after", type=_name_list, default=None, help="with --arch: module names to put exits after")
@@ -511,8 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
 
+
+def _add_calibrate(sub) -> None:
+    """``branchynet calibrate``."""
     c = sub.add_parser("calibrate", help="sweep thresholds on the validation split")
-    common(c, model=False)
+    _common(c, model=False)
     c.add_argument("checkpoint")
     c.add_argument("--max-drop", type=_fraction, default=None,
                    help="accuracy drop allowed below the final exit (0.005 = 0.5 pt; the default "
@@ -532,8 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the chosen thresholds (and temperatures) in the checkpoint")
     c.set_defaults(func=run_calibrate)
 
+
+def _add_tools(sub) -> None:
+    """``branchynet bench``, ``build``, ``info``, ``selftest``."""
     b = sub.add_parser("bench", help="time a checkpoint against its backbone-only twin")
-    common(b, model=False)
+    _common(b, model=False)
     b.add_argument("checkpoint")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
     b.add_argument("--backend", default="auto")
@@ -557,8 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
     st.add_argument("--quick", action="store_true", help="a smaller grid (fp32/fp16, 4 class counts)")
     st.set_defaults(func=run_selftest)
-    return p
-
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError

@@ -20,7 +20,7 @@ from branchynet.calibrate import collect_exit_outputs
 from branchynet.data import DataSplits
 from branchynet.distributed import gather_exit_table, init_from_env
 from branchynet.models.registry import build_model
-from branchynet.train import evaluate, train
+from branchynet.train import TrainSettings, evaluate, train
 
 
 def synthetic(n, shape, seed):
@@ -73,14 +73,15 @@ def main(out: Path) -> None:
     # Resume under the same launcher == uninterrupted (dropout: every rank's RNG is restored).
     data8 = DataSplits("synthetic8", synthetic(150, (1, 8, 8), 3), synthetic(0, (1, 8, 8), 4),
                        synthetic(10, (1, 8, 8), 5), 10, (1, 8, 8))
-    kw = dict(epochs=3, seed=2, batch_size=32, progress=False)
+    # One TrainSettings, keywords on top of it for the interrupted and the resumed run.
+    settings = TrainSettings(epochs=3, seed=2, batch_size=32, progress=False)
     whole = dropout_mlp()
-    train(whole, data8, **kw)
+    train(whole, data8, settings)
     part = dropout_mlp()
-    train(part, data8, **{**kw, "epochs": 2}, checkpoint=out / f"mlp_w{world}.pt")
+    train(part, data8, settings, epochs=2, checkpoint=out / f"mlp_w{world}.pt")
     torch.manual_seed(123)  # whatever the RNG holds before resuming must not matter
     resumed = dropout_mlp()
-    train(resumed, data8, **kw, checkpoint=out / f"mlp_w{world}.pt", resume=True)
+    train(resumed, data8, settings, checkpoint=out / f"mlp_w{world}.pt", resume=True)
     # A Dataset that is not a TensorDataset (collated per sample); 65 samples, global
     # batch 64: rank 1's part of the last batch is empty.
     generic = dropout_mlp()

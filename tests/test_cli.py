@@ -196,6 +196,33 @@ def test_model_and_data_set_that_do_not_fit(lenet_ckpt, tmp_path):
             main([cmd[0], str(five), "--dataset", "digits", *cmd[1:]])
 
 
+def test_demo_refuses_a_data_set_its_model_cannot_take(tmp_path):
+    # Refused before any training, with the message the other subcommands give.
+    with pytest.raises(SystemExit, match=r"^error: b-alexnet takes inputs of shape \(3, 32, 32\) but data set "
+                                         r"'digits' has \(1, 28, 28\)"):
+        main(["demo", "--model", "b-alexnet", "--dataset", "digits", "--out", str(tmp_path), "--quiet"])
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_table_i_rows_and_summary():
+    from branchynet.demo import TABLE_I_HEAD, RowTimes, TableI
+
+    eager = RowTimes(backbone_b1=2e-3, branchy_b1=1e-3, backbone_b256=4e-4, branchy_b256=1e-4)
+    table = TableI(label="LeNet", acc_backbone=0.99, acc_branchy=0.985, thresholds=[0.025],
+                   exit_fractions=[0.75, 0.25], ideal_gain=3.5, times=eager, backend="cpp", n_test=100,
+                   n_b1=10)
+    rows = table.rows()
+    assert [len(r) for r in rows] == [len(TABLE_I_HEAD)] * 2
+    assert rows[0] == ["LeNet", "99.00", "2.000", "-", "0.400", "-", "-", "-", "-"]
+    assert rows[1] == ["B-LeNet", "98.50", "1.000", "2.00x", "0.100", "4.00x", "0.025", "75.0, 25.0", "3.50x"]
+    table.compiled = RowTimes(1e-3, 5e-4, 2e-4, 1e-4)
+    rows = table.rows()
+    assert [r[0] for r in rows] == ["LeNet", "B-LeNet", "LeNet (compiled)", "B-LeNet (compiled)"]
+    assert rows[3][3] == "2.00x" and rows[3][5] == "2.00x" and rows[3][6:] == rows[1][6:]
+    summary = table.summary("mnist-5k", "b-lenet")  # the eager times: summary.json's record
+    assert summary["gain_b1"] == pytest.approx(2.0) and summary["gain_b256"] == pytest.approx(4.0)
+    assert summary["ms_b1"] == pytest.approx([2.0, 1.0]) and summary["exit_fractions"] == [0.75, 0.25]
+
 def test_dataset_unavailable_exits_with_code_2(tmp_path, monkeypatch, capsys):
     import sys as _sys
 

@@ -21,7 +21,7 @@ from branchynet.checkpoint import (
 )
 from branchynet.data import DataSplits, load_dataset
 from branchynet.models.registry import build_model
-from branchynet.train import TrainHistory, evaluate, train
+from branchynet.train import TrainHistory, TrainSettings, evaluate, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -247,6 +247,34 @@ def test_train_argument_errors(digits8, tmp_path):
     with pytest.raises(TypeError, match="splits.test"):
         evaluate(m, digits8)
 
+
+
+def test_settings_object_equals_keywords(digits8):
+    by_kw = tiny_mlp(seed=1)
+    h_kw = train(by_kw, digits8, epochs=2, seed=7, lr=2e-3, batch_size=32, progress=False)
+    by_settings = tiny_mlp(seed=1)
+    settings = TrainSettings(epochs=2, seed=7, lr=2e-3, batch_size=32, progress=False)
+    h_settings = train(by_settings, digits8, settings)
+    assert same_weights(by_kw, by_settings)
+    assert drop_seconds(h_kw) == drop_seconds(h_settings)
+    # keywords beside settings override them; the settings object is left as it was
+    overridden = tiny_mlp(seed=1)
+    h = train(overridden, digits8, TrainSettings(epochs=5, seed=7, lr=2e-3, batch_size=32),
+              epochs=2, progress=False)
+    assert same_weights(by_kw, overridden)
+    assert drop_seconds(h) == drop_seconds(h_kw)
+    assert settings.epochs == 2 and TrainSettings().epochs == 5
+    assert bn.TrainSettings is TrainSettings
+
+
+def test_settings_errors(digits8):
+    m = tiny_mlp()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        train(m, digits8, epoch=1)
+    with pytest.raises(TypeError, match="TrainSettings"):
+        train(m, digits8, {"epochs": 1})
+    with pytest.raises(ValueError, match="epochs"):
+        train(m, digits8, TrainSettings(epochs=-1))
 
 # -- checkpoints ---------------------------------------------------------------------------
 

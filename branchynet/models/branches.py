@@ -1,0 +1,123 @@
+"""Side branches for exits on any model: small classifiers sized from what flows at a cut.
+
+A branch factory takes an example of the cut's features ([B, ...], from the model's
+``example_input``) and the number of classes, and returns a module mapping those
+features to logits [B, C]. :func:`auto_branch` picks one by the features' rank.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..blocks import conv_bn_relu, linear_head
+
+__all__ = ["BranchFactory", "auto_branch", "conv_branch", "linear_branch", "pool_linear_branch", "token_branch"]
+
+#: ``branch_factory(feature, num_classes) -> module``: ``feature`` is an example of what
+#: flows at the cut ([B, ...], from ``example_input``); the module maps it to [B, C].
+BranchFactory = Callable[[torch.Tensor, int], nn.Module]
+
+
+def pool_linear_branch(feature: torch.Tensor, num_classes: int) -> nn.Module:
+    """Global average pool and one linear layer, for conv feature maps.
+
+    Shapes:
+        [B, C, H, W] -> [B, num_classes].
+    """
+    _check_rank(feature, 4, "pool_linear_branch", "[B, C, H, W]")
+    return nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1),
+                                     head=linear_head(feature.shape[1], num_classes)))
+
+
+def conv_branch(feature: torch.Tensor, num_classes: int, width: int | None = None) -> nn.Module:
+    """The paper's conv side branch: 3x3 conv -> BatchNorm -> ReLU, then pool and linear.
+
+    A conv layer of its own lets the branch re-mix features that the backbone shaped for
+    its next stage, not for classification; it costs ``9 * C * width`` MACs per pixel.
+
+    Args:
+        feature: an example feature map [B, C, H, W].
+        num_classes: K.
+        width: the conv's output channels (default C).
+
+    Shapes:
+        [B, C, H, W] -> [B, num_classes].
+    """
+    _check_rank(feature, 4, "conv_branch", "[B, C, H, W]")
+    c = feature.shape[1]
+    width = c if width is None else width
+    return nn.Sequential(OrderedDict(conv=conv_bn_relu(c, width, 3, 1, 1, eps=1e-5),
+                                     pool=nn.AdaptiveAvgPool2d(1),
+                                     head=linear_head(width, num_classes)))
+
+
+def token_branch(feature: torch.Tensor, num_classes: int, pool: str = "mean") -> nn.Module:
+    """For token sequences: one token vector per sample, LayerNorm, linear.
+
+    Args:
+        feature: an example token sequence [B, S, D].
+        num_classes: K.
+        pool: ``"mean"`` (mean over the S tokens) or ``"cls"`` (token 0, the class token
+            of ViT-style models).
+
+    Shapes:
+        [B, S, D] -> [B, num_classes].
+    """
+    _check_rank(feature, 3, "token_branch", "[B, S, D]")
+    if pool not in ("mean", "cls"):
+        raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+    d = feature.shape[2]
+    return nn.Sequential(OrderedDict(pool=_TokenPool(pool), norm=nn.LayerNorm(d),
+                                     fc=nn.Linear(d, num_classes)))
+
+
+def linear_branch(feature: torch.Tensor, num_classes: int) -> nn.Module:
+    """One linear layer, for flat features.
+
+    Shapes:
+        [B, D] -> [B, num_classes].
+    """
+    _check_rank(feature, 2, "linear_branch", "[B, D]")
+    return linear_head(feature.shape[1], num_classes)
+
+
+def auto_branch(feature: torch.Tensor, num_classes: int) -> nn.Module:
+    """The default side branch for what flows at the cut, chosen by its rank.
+
+    [B, C, H, W] -> :func:`pool_linear_branch`; [B, S, D] -> :func:`token_branch` (mean
+    over tokens); [B, D] -> :func:`linear_branch`.
+    """
+    rank = feature.dim()
+    if rank == 4:
+        return pool_linear_branch(feature, num_classes)
+    if rank == 3:
+        return token_branch(feature, num_classes)
+    if rank == 2:
+        return linear_branch(feature, num_classes)
+    raise ValueError(
+        f"no default side branch for features of shape {tuple(feature.shape)} (expected "
+        f"[B, C, H, W], [B, S, D] or [B, D]); pass branches= or branch_factory="
+    )
+
+
+class _TokenPool(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.mode == "cls" else x.mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return self.mode
+
+
+def _check_rank(feature, rank: int, who: str, shape: str) -> None:
+    if not isinstance(feature, torch.Tensor) or feature.dim() != rank:
+        got = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
+        raise ValueError(f"{who} takes features {shape}, got {got}")
+
