@@ -99,3 +99,10 @@ def test_without_the_extension_the_op_runs_the_pytorch_implementation(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got == {"auto": "torch", "cpu_kernel": False, "count_ok": True, "written_ok": True,
                    "gather_ok": True}
+
+
+def test_kernels_is_a_deprecated_name_for_implementation():
+    # ops.kernels() shared its name with the Triton package branchynet.kernels.
+    with pytest.warns(DeprecationWarning, match="use branchynet.ops.implementation"):
+        got = ops.kernels("torch")
+    assert got == ops.implementation("torch")
