@@ -56,15 +56,19 @@ import triton.language as tl
 __all__ = ["exit_step_triton", "gather_rows_triton", "MAX_TILE_C", "CHUNK_C", "TILE_ELEMS"]
 
 #: Widest row held as one register tile; wider rows take the chunked kernel. A 16K-wide
-#: tile needs 32 warps, which caps a thread at 64 registers, and spills 112 B on sm_90.
+#: tile would need 64 warps at ``ELEMS_PER_THREAD`` (32 is the most a program has).
 MAX_TILE_C = 8192
 #: Chunk width of the chunked kernel (fp32: 16 KB of one row per step).
 CHUNK_C = 4096
 #: Most elements of a program's tile (rows x padded classes): with ``ELEMS_PER_THREAD``
-#: per thread, 4 warps. Twice that per thread (512x16 with 8 warps, 32x128 with 4) uses
+#: per thread, 8 warps. Twice that per tile (512x16 with 8 warps, 32x128 with 4) uses
 #: 255 registers and spills 350-820 B on sm_90 (ptxas -v; tests/test_aot.py).
 TILE_ELEMS = 2048
-ELEMS_PER_THREAD = 16
+#: Values of the tile per thread. 16 was spill-free with Triton 3.9 but not with 3.8 (the
+#: Triton of torch 2.14.1: 4-8 B spilled by 7 of the 78 configurations of
+#: tests/test_aot.py, the 8K-wide last-exit tiles on 16 warps among them); 8 is spill-free
+#: with both, at twice the warps.
+ELEMS_PER_THREAD = 8
 #: Cap on rows per program, so that small-C batches still spread over the SMs: K = 4097
 #: rows of C = 10 take 129 programs (132 SMs on an H100), not 9.
 MAX_ROWS = 32
@@ -288,9 +292,9 @@ def _device_guard(t: torch.Tensor):
 
 
 def _warps(tile: int) -> int:
-    # ELEMS_PER_THREAD values of the tile per thread: 1 warp for 32x16, 4 for 2K tiles,
-    # 16 for one 8K-wide row.
-    return max(1, min(16, tile // (32 * ELEMS_PER_THREAD)))
+    # ELEMS_PER_THREAD values of the tile per thread: 2 warps for 32x16, 8 for 2K tiles,
+    # 32 (the most) for one 8K-wide row.
+    return max(1, min(32, tile // (32 * ELEMS_PER_THREAD)))
 
 
 def exit_step_config(c: int) -> tuple:
@@ -307,8 +311,9 @@ def exit_step_config(c: int) -> tuple:
     # One row of 4096-wide chunks a program on a GPU (several only when a test shrinks
     # CHUNK_C, or under the interpreter).
     rows_per = max(1, min(tile // 2 // chunk, cap))
-    # Twice the warps of a tile this size: the online statistics keep more temporaries
-    # per element, and 4096-wide chunks on 8 warps spill 12 B (fp32, last exit; sm_90).
+    # Twice the warps of a tile this size (32 for 4096-wide chunks): the online statistics
+    # keep more temporaries per element (4096-wide chunks on 8 warps spilled 12 B, fp32,
+    # last exit; sm_90).
     return "chunked", rows_per, chunk, _warps(2 * rows_per * chunk)
 
 
