@@ -542,7 +542,7 @@ class EarlyExitEngine:
 # torch.inference_mode's own C++ guard (private API): entering the public context manager
 # costs ~1.5 us more per call (2.6 against 1.0 us, a 2-core Xeon VM, torch 2.13), 6 % of the
 # engine's budget at B = 1 (10 % of a ~250 us B-LeNet stage 1 + branch 1). Its effect is
-# tested (the results are inference tensors, tests/test_ops_bound.py); a torch without it
+# tested (the results are inference tensors, tests/test_ops.py); a torch without it
 # gets the public one.
 _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
 

@@ -13,16 +13,22 @@ CUDA-only behaviours (streams, graph capture) are at the end.
 
 from __future__ import annotations
 
-import math
+import inspect
+import json
 import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from branchynet import testing
+from branchynet import EarlyExitEngine, ops, testing
 from branchynet.config import CRITERIA
 from branchynet.exits import entropy, exit_scores
-from branchynet.ops import _verify, available_backends, exit_step, gather_rows
+from branchynet.models.registry import build_model
+from branchynet.ops import _backends, _library, _verify, available_backends, exit_step, gather_rows
+from branchynet.ops._torch import exit_step_torch
 from branchynet.testing import POISON, poisoned_buffers
 
 # The interpreter evaluates the masked-off lanes too (log(0) of padding rows, NaN rows):
@@ -593,6 +599,98 @@ def test_compile_fullgraph(device):
         assert torch.equal(testing._bits(e), testing._bits(g))
 
 
+# --- one schema per op, one kernel per device (branchynet/ops/_library.py) ---------------
+
+def _has_kernel(qualname: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+
+
+def test_one_schema_per_op():
+    assert str(torch.ops.branchynet.exit_step.default._schema) == "branchynet::" + _library.EXIT_STEP_SCHEMA
+    assert str(torch.ops.branchynet.gather_rows.default._schema) == "branchynet::" + _library.GATHER_ROWS_SCHEMA
+    # No second door: the namespace holds these two ops and no other.
+    names = {n for n in dir(torch.ops.branchynet) if not n.startswith("_")}
+    assert {"exit_step", "gather_rows"} <= names
+    assert not names & {"exit_step_py", "exit_step_direct"}
+
+
+@pytest.mark.parametrize("qualname", ["branchynet::exit_step", "branchynet::gather_rows"])
+def test_kernels_registered_per_device(qualname):
+    assert _has_kernel(qualname, "CompositeExplicitAutograd")  # the PyTorch implementation
+    assert _has_kernel(qualname, "Meta")  # the fake
+    assert _has_kernel(qualname, "CPU") == HAS_OPS  # the C++ kernel, where built
+    # CUDA: the extension's kernels, or else the Triton ones attached through torch.library.
+    assert _has_kernel(qualname, "CUDA") == (_backends.ext_has_cuda() or _backends.TRITON is not None)
+
+
+def test_argument_order_is_the_schemas_everywhere():
+    want = [a.name for a in torch.ops.branchynet.exit_step.default._schema.arguments]
+    impls = [ops.implementation("torch")[0], _library.exit_step_fake]
+    if _backends.TRITON is not None:
+        impls.append(_backends.TRITON.exit_step_triton)
+    for fn in impls:
+        assert list(inspect.signature(fn).parameters) == want, fn
+    assert list(inspect.signature(ops.exit_step).parameters)[:len(want) - 2] == want[:-2]
+
+
+def test_opcheck_dispatched_op():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=g) * 3
+    rows = torch.tensor([6, 0, 3, 1, 5, 2, 4])
+    out = (torch.zeros(9, 5), torch.zeros(9, dtype=torch.int64), torch.full((9,), -1, dtype=torch.int64),
+           torch.zeros(9))
+    torch.library.opcheck(torch.ops.branchynet.exit_step.default, (logits, rows, 0.8, 2, *out),
+                          {"criterion": 0, "last": False})
+    torch.library.opcheck(torch.ops.branchynet.gather_rows.default, (logits, rows[:3]))
+
+
+_NO_EXT = r"""
+import json, sys, torch
+
+
+class NoExtension:  # the extension "is not installed": its import fails
+    def find_spec(self, name, path=None, target=None):
+        if name == "branchynet._C":
+            raise ModuleNotFoundError("No module named 'branchynet._C'", name=name)
+
+
+sys.meta_path.insert(0, NoExtension())
+from branchynet import entropy, ops
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(7, 5, generator=g) * 3
+rows = torch.tensor([6, 0, 3, 1, 5, 2, 4])
+out = (torch.zeros(9, 5), torch.zeros(9, dtype=torch.int64), torch.full((9,), -1, dtype=torch.int64), torch.zeros(9))
+torch.library.opcheck(torch.ops.branchynet.exit_step.default, (logits, rows, 0.8, 2, *out), {"last": False})
+s, r, c = torch.ops.branchynet.exit_step(logits, rows, 0.8, 2, *out)
+leave = entropy(logits) < 0.8
+print(json.dumps({
+    "auto": ops.resolve_backend("auto", "cpu"),
+    "cpu_kernel": torch._C._dispatch_has_kernel_for_dispatch_key("branchynet::exit_step", "CPU"),
+    "count_ok": int(c) == int((~leave).sum()),
+    "written_ok": bool((out[2][rows[leave]] == 2).all()) and bool((out[2][rows[~leave]] == -1).all()),
+    "gather_ok": torch.equal(torch.ops.branchynet.gather_rows(logits, r[:2]), logits[r[:2]]),
+}))
+"""
+
+
+def test_without_the_extension_the_op_runs_the_pytorch_implementation(tmp_path):
+    # A fresh interpreter whose extension "failed to load": the same op, served by the
+    # PyTorch implementation (opcheck included), and auto resolves to torch.
+    env = dict(os.environ, BRANCHYNET_JIT="0", BRANCHYNET_CACHE=str(tmp_path))  # no cached build either
+    res = subprocess.run([sys.executable, "-c", _NO_EXT], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"auto": "torch", "cpu_kernel": False, "count_ok": True, "written_ok": True,
+                   "gather_ok": True}
+
+
+def test_kernels_is_a_deprecated_name_for_implementation():
+    # ops.kernels() shared its name with the Triton package branchynet.kernels.
+    with pytest.warns(DeprecationWarning, match="use branchynet.ops.implementation"):
+        got = ops.kernels("torch")
+    assert got == ops.implementation("torch")
+
+
 # --- CUDA only -------------------------------------------------------------------------
 
 
@@ -654,3 +752,165 @@ def test_cuda_dispatch_uses_extension():
     assert torch.equal(surv[:50].sort().values, torch.arange(1, 100, 2, device="cuda"))
     assert bufs[2][::2].eq(2).all() and bufs[2][1::2].eq(POISON["exit"]).all()
     assert bufs[1][::2].eq(3).all() and bufs[3][::2].lt(1e-6).all()
+
+
+# --- the bound op: the engine's entry (branchynet.ops.bind) -----------------------------
+#
+# On the cpp backend, branchynet._C.exit_step_direct: the CPU kernel called without the
+# dispatcher (the engine's fixed cost at B = 1), in the op's argument order. It must give
+# exactly what the registered op gives (same kernel), allocate the output buffers itself
+# when four None are passed, return the count as an int, refuse bad arguments with the
+# op's messages, and be what the eager engine calls.
+
+needs_direct = pytest.mark.skipif(_C is None or not hasattr(_C, "exit_step_direct"),
+                                  reason="branchynet._C with exit_step_direct is not built")
+
+NONE = (None, None, None, None)  # no output buffers: the entry allocates them
+
+
+def _median_score(logits, criterion):
+    # About half the rows leave; random logits put no score on the median exactly.
+    return float(exit_scores(logits.float(), CRITERIA[criterion])[0].median())
+
+
+def _direct_buffers(b, c, dtype):
+    # Poisoned: exactly the leaving rows must be written.
+    return (torch.full((b, c), -3.0, dtype=dtype), torch.full((b,), -7, dtype=torch.int64),
+            torch.full((b,), -9, dtype=torch.int64), torch.full((b,), -5.0))
+
+
+@needs_direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("criterion", [0, 1, 2])
+@pytest.mark.parametrize("last", [False, True])
+def test_direct_with_buffers_matches_reference(dtype, criterion, last):
+    g = torch.Generator().manual_seed(7 + criterion)
+    k, c, b = 37, 10, 45
+    logits = (torch.randn(k, c, generator=g) * 3).to(dtype)
+    rows = torch.randperm(b, generator=g)[:k]
+    ref_bufs, bufs = _direct_buffers(b, c, dtype), _direct_buffers(b, c, dtype)
+    t = _median_score(logits, criterion)
+    ref = exit_step_torch(logits, rows, t, 2, *ref_bufs, criterion=criterion, last=last)
+    survivors, survivor_rows, n = _C.exit_step_direct(logits, rows, t, 2, *bufs, criterion, last)
+    assert isinstance(n, int) and n == int(ref[2])
+    if not last:
+        assert 0 < n < k, "the threshold should split the batch"
+    assert torch.equal(survivors, ref[0]) and torch.equal(survivor_rows, ref[1])
+    for got, want in zip(bufs[:3], ref_bufs[:3]):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(bufs[3], ref_bufs[3], rtol=2e-5, atol=2e-5)
+
+
+@needs_direct
+def test_direct_allocates_buffers_like_the_op():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 20, generator=g)[:, ::2] * 4  # strided: the kernel copies it
+    rows = torch.arange(64)
+    bufs = _direct_buffers(64, 10, torch.float32)
+    t = _median_score(logits, 0)
+    ref = torch.ops.branchynet.exit_step(logits, rows, t, 0, *bufs, criterion=0, last=False)
+    survivors, survivor_rows, n, *out = _C.exit_step_direct(logits, rows, t, 0, *NONE, 0, False)
+    assert n == int(ref[2]) and 0 < n < 64
+    assert torch.equal(survivors, ref[0]) and torch.equal(survivor_rows, ref[1])
+    assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in bufs]
+    leave = survivors[n:]  # rows = 0..K-1: the leavers' rows are their local indices
+    for got, want in zip(out, bufs):
+        assert torch.equal(got[leave], want[leave])
+
+
+@needs_direct
+def test_direct_rejects_bad_arguments():
+    logits, rows = torch.randn(4, 3), torch.arange(4)
+    bufs = _direct_buffers(4, 3, torch.float32)
+    d = _C.exit_step_direct
+    with pytest.raises(RuntimeError, match="rows must be int64"):
+        d(logits, rows.int(), 0.5, 0, *bufs, 0, False)
+    with pytest.raises(RuntimeError, match="out of range"):
+        d(logits, torch.tensor([0, 1, 2, 4]), 0.5, 0, *bufs, 0, False)
+    with pytest.raises(RuntimeError, match="criterion must be 0, 1 or 2"):
+        d(logits, rows, 0.5, 0, *NONE, 3, False)
+    with pytest.raises(RuntimeError, match="out_logits must be"):
+        d(logits, rows, 0.5, 0, bufs[0].half(), *bufs[1:], 0, False)
+    with pytest.raises(RuntimeError, match=r"logits must be \[K, C\]"):
+        d(torch.randn(4), rows, 0.5, 0, *NONE, 0, False)
+    with pytest.raises(TypeError, match="all four out_\\* buffers or four None"):
+        d(logits, rows, 0.5, 0, bufs[0], None, None, None, 0, False)
+    with pytest.raises(TypeError, match="tensors expected"):
+        d(logits.tolist(), rows, 0.5, 0, *NONE, 0, False)
+    with pytest.raises(TypeError):  # the old order (criterion before exit_index, no buffers)
+        d(logits, rows, 0.5, 0, 0, False)
+
+
+@needs_direct
+def test_eager_engine_calls_the_direct_entry(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("b_lenet").eval()
+    x = torch.randn(9, 1, 28, 28)
+    with torch.no_grad():
+        t = _median_score(model.branches[0](model.stages[0](x)), 0)
+    eng = EarlyExitEngine(model, [t], backend="cpp")
+    want = EarlyExitEngine(model, [t], backend="torch")(x)
+    calls = []
+    real = _C.exit_step_direct
+
+    def spy(*args):
+        calls.append(args[4] is None)
+        return real(*args)
+
+    # The bound op takes the extension's entry when the engine binds it (first call).
+    monkeypatch.setattr(_backends, "EXT", SimpleNamespace(exit_step_direct=spy, has_cuda=_C.has_cuda))
+    got = eng(x)
+    # First exit: the entry allocates the buffers (four None); the last one passes them.
+    assert calls == [True, False]
+    assert eng.backend_for("cpu") == "cpp"
+    assert got.counts == want.counts and 0 < got.counts[0] < 9
+    assert torch.equal(got.pred, want.pred) and torch.equal(got.exit, want.exit)
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+    # Buffers made in C++ follow inference mode as torch.empty's do.
+    assert [t.is_inference() for t in (got.logits, got.pred, got.exit, got.entropy)] == [True] * 4
+
+
+@needs_direct
+def test_direct_large_batch_releases_the_interpreter_and_still_raises():
+    # Above 65536 logits the entry runs the kernel without the GIL: same answers, and
+    # an error raised there still reaches Python as the op's error.
+    g = torch.Generator().manual_seed(5)
+    k, c = 7000, 10
+    logits = torch.randn(k, c, generator=g) * 3
+    rows = torch.randperm(k, generator=g)
+    t = _median_score(logits, 0)
+    bufs = _direct_buffers(k, c, torch.float32)
+    ref = torch.ops.branchynet.exit_step(logits, rows, t, 1, *bufs, criterion=0, last=False)
+    survivors, survivor_rows, n, *out = _C.exit_step_direct(logits, torch.arange(k), t, 1, *NONE, 0, False)
+    assert 0 < n < k and n == int(ref[2])
+    assert torch.equal(survivors, ref[0])
+    bad = rows.clone()
+    bad[-1] = k
+    with pytest.raises(RuntimeError, match=rf"rows\[{k - 1}\] = {k} is out of range"):
+        _C.exit_step_direct(logits, bad, t, 1, *NONE, 0, False)
+
+
+@needs_direct
+@pytest.mark.parametrize("backend", [b for b in ops.available_backends("cpu") if b != "triton"])
+def test_bound_step_over_two_exits_equals_the_reference(backend):
+    # The engine's use: an empty output list filled at the first exit, then passed on.
+    g = torch.Generator().manual_seed(11)
+    k, c = 40, 7
+    z1, z2 = torch.randn(k, c, generator=g) * 3, torch.randn(k, c, generator=g)
+    s = exit_scores(z1, "entropy")[0].sort().values
+    t = float(s[k // 2 - 1] + s[k // 2]) / 2  # between two scores: no float-rounding tie
+    op = ops.bind("cpu", backend)
+    assert op.backend == backend
+    out, rows = [], torch.arange(k)
+    survivors, survivor_rows, n = op.step(z1, rows, t, 0, out, 0, False)
+    n = int(n)
+    assert 0 < n < k and len(out) == 4
+    op.step(z2[survivors[:n]], survivor_rows[:n], 0.0, 1, out, 0, True)
+    want = _direct_buffers(k, c, torch.float32)
+    r_surv, r_rows, r_n = exit_step_torch(z1, rows, t, 0, *want)
+    exit_step_torch(z2[r_surv[:n]], r_rows[:n], 0.0, 1, *want, last=True)
+    assert int(r_n) == n
+    for got, ref in zip(out[:3], want[:3]):
+        assert torch.equal(got, ref)
+    torch.testing.assert_close(out[3], want[3], rtol=2e-5, atol=2e-5)
