@@ -278,7 +278,7 @@ class EarlyExitEngine:
         regions, gather = plan
         last_n = self.num_exits - 1
         counts = [0] * self.num_exits
-        h, k = (self._pad(x, rows, gather) if padded else x), b
+        h, k = (self._pad(x, rows, gather) if padded and self._bucket(b) != b else x), b
         for n, region in enumerate(regions):
             h, (survivors, survivor_rows, count) = region(h, rows, out)
             if n == last_n:
@@ -406,8 +406,6 @@ class EarlyExitEngine:
         row 0 of ``h``: real numbers, so the padded rows run like any other and are dropped)."""
         k = index.shape[0]
         kp = self._bucket(k)
-        if kp == k == h.shape[0]:
-            return h
         if kp > k:
             index = torch.nn.functional.pad(index, (0, kp - k))
         return gather(h, index)

@@ -276,3 +276,23 @@ def test_demo_compile_flag_parses(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--compile", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_padded_engine_follows_any_survivor_order():
+    # The fused GPU kernels compact the survivors in whatever order their atomics ran:
+    # the gather must follow that order even when every row stays and the batch is
+    # already a bucket size (nothing to pad). A spy reverses the (valid) order here.
+    model = mlp(6)
+    thresholds = [0.0, 1.2]  # nobody leaves at the first exit
+    eng = EarlyExitEngine(model, thresholds, backend="torch", compile={"backend": "eager"}, buckets=[4, 8])
+    op = eng._op(torch.device("cpu"))
+
+    def reversed_order(z, rows, threshold, n, out, cid, last):
+        survivors, survivor_rows, count = op.step(z, rows, threshold, n, out, cid, last)
+        k = int(count)
+        return (torch.cat([survivors[:k].flip(0), survivors[k:]]),
+                torch.cat([survivor_rows[:k].flip(0), survivor_rows[k:]]), count)
+
+    eng._ops[torch.device("cpu")] = op._replace(step=reversed_order)
+    for x in batches(3, 4, seed=6) + batches(2, 8, seed=7):
+        assert_same(eng(x), EarlyExitEngine(model, thresholds, backend="torch")(x))
