@@ -171,8 +171,8 @@ def test_two_ranks_write_one_checkpoint_log_on_rank_0_and_resume_exactly(launche
 
 
 def test_torchrun_cli_train_and_calibrate(tmp_path):
-    # The documented torchrun command (docs/torchrun.md), on the smaller offline data set (1,259 training images: the
-    # last global batch of 43 splits 22 / 21).
+    # The documented torchrun command (docs/torchrun.md), on the smaller offline data set
+    # (1,259 training images: the last global batch of 43 splits 22 / 21).
     args = ["train", "--model", "b-lenet", "--dataset", "digits", "--epochs", "1", "--batch-size", "64",
             "--seed", "3", "--quiet"]
     _run(["-m", "branchynet", *args, "--out", str(tmp_path / "two.pt")], nproc=2)
