@@ -1,0 +1,393 @@
+"""ExitServer: early exit for a stream of single requests, batched per stage.
+
+A queue per stage holds the rows waiting for it (their hidden state and their request).
+One worker thread owns the model and the device: it picks a stage (:meth:`_pick`), runs
+it on up to ``max_batch_size`` rows through the engine's region for that stage (stage,
+branch, exit op), answers the rows that leave at once (their futures resolve), and
+appends the survivors to the next stage's queue, where they wait with the survivors of
+earlier and later runs (``rebatch=True``). With ``rebatch=False`` each batch is carried
+through every stage at once, as :class:`~branchynet.EarlyExitEngine` does.
+
+Which stage runs next (the rule, and why):
+
+1. the deepest stage whose queue holds ``max_batch_size`` rows: it finishes requests
+   already in flight and runs at full batch;
+2. else the deepest stage whose oldest row has waited its budget. Stage 1's budget is
+   ``max_wait_ms``. A deeper stage's budget is at least two stage-1 runs (a running mean):
+   a shorter one would run every deep batch on the survivors of one stage-1 run, the
+   per-batch compaction this server exists to avoid; when nothing is queued upstream,
+   nothing more can join, and its budget is ``max_wait_ms`` again;
+3. else the worker sleeps until the next budget or request deadline, or a submission.
+
+While closing with ``drain=True`` every non-empty queue is ready (deepest first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine import EarlyExitEngine
+from ..exits import exit_scores
+from ..models.branchynet import BranchyNet
+from ..ops._backends import new_outputs
+
+__all__ = ["ExitServer", "ExitAnswer", "Overloaded"]
+
+
+class Overloaded(RuntimeError):
+    """``max_queued`` rows are already waiting: the request was refused, not queued."""
+
+
+@dataclass(frozen=True)
+class ExitAnswer:
+    """The answer for one sample.
+
+    Attributes:
+        pred: predicted class. exit: 0-based exit it left at.
+        score: its score under the server's criterion at that exit (the entropy for
+            ``"entropy"``). entropy: the softmax entropy at that exit.
+        logits: [C] that exit's logits, on the CPU.
+        latency_s: seconds from :meth:`ExitServer.submit` to the answer.
+    """
+
+    pred: int
+    exit: int
+    score: float
+    entropy: float
+    logits: torch.Tensor
+    latency_s: float
+
+
+class _Request:
+    __slots__ = ("future", "t_submit", "deadline")
+
+    def __init__(self, future: Future, t_submit: float, deadline: float | None):
+        self.future, self.t_submit, self.deadline = future, t_submit, deadline
+
+
+class _Chunk:
+    """Rows waiting for one stage: their state [m, ...], their m requests, when they came."""
+
+    __slots__ = ("h", "reqs", "t")
+
+    def __init__(self, h: torch.Tensor, reqs: list, t: float):
+        self.h, self.reqs, self.t = h, reqs, t
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> bool:
+    # A future may already be done (cancelled by its caller, or timed out): skip it.
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+        return True
+    except InvalidStateError:
+        return False
+
+
+class ExitServer:
+    """Serve single samples with early exit, batching each stage over many requests.
+
+    Args:
+        model: a :class:`~branchynet.BranchyNet`, or a plain ``nn.Module`` (one stage, no
+            side exit: the same dynamic batching, the baseline to compare with).
+        thresholds: as for :class:`~branchynet.EarlyExitEngine` (default: the model's).
+        max_batch_size: most rows a stage runs at once.
+        max_wait_ms: how long a row may wait for stage 1 to fill (see the module
+            docstring for the deeper stages).
+        rebatch: pool the survivors of several runs per stage (True), or carry each batch
+            through every stage at once (False).
+        max_queued: most rows waiting in all queues; :meth:`submit` raises
+            :class:`Overloaded` beyond it.
+        backend, compile, criterion: as for the engine (compiled stages with a dynamic
+            batch dimension).
+
+    Example:
+        >>> with ExitServer(model, max_batch_size=64) as server:
+        ...     answer = server.submit(x).result()    # x [1, 28, 28]: one sample
+        ...     answer.pred, answer.exit
+    """
+
+    def __init__(self, model: nn.Module, thresholds=None, *, max_batch_size: int = 256,
+                 max_wait_ms: float = 2.0, rebatch: bool = True, max_queued: int = 4096,
+                 backend: str = "auto", compile=False, criterion: str | None = None) -> None:
+        if isinstance(model, BranchyNet):
+            net = model
+        elif isinstance(model, nn.Module):
+            net = BranchyNet([model], [nn.Identity()])
+        else:
+            raise TypeError(f"model must be a BranchyNet or an nn.Module, got {type(model).__name__}")
+        for name, value in (("max_batch_size", max_batch_size), ("max_queued", max_queued)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
+                or not max_wait_ms >= 0 or math.isinf(max_wait_ms):
+            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+        self._engine = EarlyExitEngine(net, thresholds, backend=backend, criterion=criterion,
+                                       compile=compile, buckets=False if compile else None)
+        p = next(net.parameters(), None)
+        self._device = p.device if p is not None else torch.device("cpu")
+        self._dtype = p.dtype if p is not None and p.is_floating_point() else None
+        self._shape = net.input_shape  # None: taken from the first sample
+        self._n = net.num_exits
+        self._max_batch, self._max_wait, self._rebatch = max_batch_size, max_wait_ms / 1e3, rebatch
+        self._max_queued = max_queued
+        self._compiled = bool(compile)
+        self._spec = None  # (C, logits dtype) for compiled stages, from the first stage-1 run
+        self._queues = [deque() for _ in range(self._n)]
+        self._rows = [0] * self._n
+        self._stage1_s = 0.0  # running mean of a stage-1 run (the deep stages' budget)
+        self._cv = threading.Condition()
+        self._closed = False
+        self._drain = True
+        self._timed = []  # requests with a deadline, swept by the worker
+        self._stats = {"stage_runs": [0] * self._n, "stage_rows": [0] * self._n, "exits": [0] * self._n,
+                       "answered": 0, "failed": 0, "overloaded": 0}
+        self._latency = deque(maxlen=100_000)
+        self._worker = threading.Thread(target=self._work, name="branchynet-exit-server", daemon=True)
+        self._worker.start()
+
+    # -- the caller's side -----------------------------------------------------------------
+
+    def submit(self, x: torch.Tensor, *, timeout_s: float | None = None) -> Future:
+        """Queue one sample; returns a future of its :class:`ExitAnswer`.
+
+        Args:
+            x: one sample of the model's input shape, no batch dimension, of the model's
+                floating dtype (any device: moved to the model's).
+            timeout_s: fail this request alone with ``TimeoutError`` if it is not answered
+                by then.
+
+        Raises:
+            Overloaded: ``max_queued`` rows are waiting. RuntimeError: the server is closed.
+            TypeError, ValueError: ``x`` is not such a sample.
+        """
+        x = self._check_sample(x)
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+            raise ValueError(f"timeout_s must be a number > 0 or None, got {timeout_s!r}")
+        now = time.perf_counter()
+        req = _Request(Future(), now, None if timeout_s is None else now + timeout_s)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the ExitServer is closed: submit() after close()")
+            if sum(self._rows) >= self._max_queued:
+                self._stats["overloaded"] += 1
+                raise Overloaded(f"{sum(self._rows)} rows are waiting (max_queued={self._max_queued}); "
+                                 f"retry later")
+            self._queues[0].append(_Chunk(x.unsqueeze(0), [req], now))
+            self._rows[0] += 1
+            if req.deadline is not None:
+                self._timed.append(req)
+            self._cv.notify()
+        return req.future
+
+    async def predict(self, x: torch.Tensor, *, timeout_s: float | None = None) -> ExitAnswer:
+        """:meth:`submit` for asyncio callers: the answer, awaited."""
+        return await asyncio.wrap_future(self.submit(x, timeout_s=timeout_s))
+
+    def stats(self) -> dict:
+        """Counters since start: ``stage_runs`` and ``stage_rows`` (per stage), ``exits``
+        (answers per exit), ``queued`` (rows waiting per stage now), ``answered``,
+        ``failed``, ``overloaded``, and ``latency_s`` (p50 and p99 of the last 100,000
+        answers; None before the first)."""
+        with self._cv:
+            out = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
+            out["queued"] = list(self._rows)
+            lat = np.fromiter(self._latency, dtype=np.float64)
+        out["latency_s"] = ({"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+                            if lat.size else {"p50": None, "p99": None})
+        return out
+
+    def close(self, drain: bool = True) -> None:
+        """Stop accepting requests; answer everything queued (``drain``) or fail it."""
+        with self._cv:
+            if not self._closed:
+                self._closed, self._drain = True, drain
+            self._cv.notify_all()
+        self._worker.join()
+
+    def __enter__(self) -> "ExitServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_sample(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (one sample, no batch dimension), got {type(x).__name__}")
+        if not x.is_floating_point() or (self._dtype is not None and x.dtype != self._dtype):
+            raise TypeError(f"x must be a {self._dtype or 'floating-point'} tensor (the model's dtype), "
+                            f"got {x.dtype}")
+        if self._shape is None:
+            with self._cv:
+                if self._shape is None:
+                    self._shape = tuple(x.shape)  # a model without input_shape: the first sample's
+        if tuple(x.shape) != self._shape:
+            raise ValueError(f"x must be one sample of shape {list(self._shape)} (no batch dimension), "
+                             f"got {list(x.shape)}")
+        return x.to(self._device)
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                job = self._next_job()
+                if job is None:
+                    return
+            n, h, reqs = job
+            self._run(n, h, reqs)
+
+    def _next_job(self):
+        """Under the lock: ``(stage, state, requests)`` of the next run, or None to stop."""
+        while True:
+            now = time.perf_counter()
+            self._expire(now)
+            if self._closed and not self._drain:
+                self._fail_queued(RuntimeError("the ExitServer was closed before this request was answered "
+                                               "(close(drain=False))"))
+                return None
+            n = self._pick(now)
+            if n is not None:
+                h, reqs = self._take(n)
+                if reqs:
+                    return n, h, reqs
+                continue  # every row taken had timed out or was cancelled
+            if self._closed:
+                return None  # drained
+            self._cv.wait(self._sleep_s(now))
+
+    def _budget(self, n: int) -> float:
+        if n == 0 or not any(self._rows[:n]):
+            return self._max_wait
+        return max(self._max_wait, 2 * self._stage1_s)
+
+    def _pick(self, now: float) -> int | None:
+        ready = [n for n in range(self._n) if self._rows[n] >= self._max_batch]
+        if not ready:
+            ready = [n for n in range(self._n) if self._queues[n]
+                     and (self._closed or now - self._queues[n][0].t >= self._budget(n))]
+        return max(ready) if ready else None
+
+    def _sleep_s(self, now: float) -> float | None:
+        wake = [q[0].t + self._budget(n) for n, q in enumerate(self._queues) if q]
+        wake += [r.deadline for r in self._timed]
+        return max(0.0, min(wake) - now) if wake else None
+
+    def _expire(self, now: float) -> None:
+        if not self._timed:
+            return
+        keep = []
+        for r in self._timed:
+            if r.future.done():
+                continue
+            if r.deadline <= now:
+                if _settle(r.future, error=TimeoutError(f"no answer within the request's timeout "
+                                                        f"({r.deadline - r.t_submit:.3g} s)")):
+                    self._stats["failed"] += 1
+            else:
+                keep.append(r)
+        self._timed = keep
+
+    def _take(self, n: int):
+        """Up to ``max_batch_size`` rows from queue n, without those already settled."""
+        q, hs, reqs, left = self._queues[n], [], [], self._max_batch
+        while q and left:
+            c = q.popleft()
+            if len(c.reqs) > left:  # split: the rest keeps its place and arrival time
+                q.appendleft(_Chunk(c.h[left:], c.reqs[left:], c.t))
+                c = _Chunk(c.h[:left], c.reqs[:left], c.t)
+            hs.append(c.h)
+            reqs += c.reqs
+            left -= len(c.reqs)
+        self._rows[n] -= len(reqs)
+        live = [i for i, r in enumerate(reqs) if not r.future.done()]
+        h = hs[0] if len(hs) == 1 else torch.cat(hs) if hs else None
+        if len(live) < len(reqs) and live:
+            h = h[torch.tensor(live, device=h.device)]
+        return h, [reqs[i] for i in live]
+
+    def _fail_queued(self, err: BaseException) -> None:
+        for n, q in enumerate(self._queues):
+            while q:
+                for r in q.popleft().reqs:
+                    if _settle(r.future, error=err):
+                        self._stats["failed"] += 1
+            self._rows[n] = 0
+
+    def _run(self, n: int, h: torch.Tensor, reqs: list) -> None:
+        """Stage n on the taken rows (and, without rebatching, every later stage on the
+        survivors); answers the leavers, queues the survivors."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    h, reqs = self._stage(n, h, reqs)
+            except Exception as err:  # a failing stage fails its run's requests, not the server
+                with self._cv:
+                    for r in reqs:
+                        if _settle(r.future, error=err):
+                            self._stats["failed"] += 1
+                return
+            if n == 0:
+                self._stage1_s = 0.8 * self._stage1_s + 0.2 * (time.perf_counter() - t0)
+            n += 1
+            if not reqs:
+                return
+            if not self._rebatch:
+                continue
+            with self._cv:
+                self._queues[n].append(_Chunk(h, reqs, time.perf_counter()))
+                self._rows[n] += len(reqs)
+            return
+
+    def _stage(self, n: int, h: torch.Tensor, reqs: list):
+        """One run of stage n: answers the rows that leave, returns the survivors."""
+        eng = self._engine
+        k = h.shape[0]
+        rows = eng._rows(k, h.device)
+        if self._compiled:  # compiled regions write into buffers made before the stage runs
+            if self._spec is None:
+                self._spec = eng._spec(h)
+            out = new_outputs(k, *self._spec, h.device)
+        else:
+            out = []
+        regions, gather = eng._plan(h.device, self._compiled)
+        h, (survivors, _, count) = regions[n](h, rows, out)
+        stay = survivors[:0 if n == self._n - 1 else int(count)]
+        leave = torch.ones(k, dtype=torch.bool, device=h.device)
+        leave[stay] = False
+        idx = leave.nonzero().squeeze(1)
+        logits = out[0].index_select(0, idx).cpu()
+        pred = out[1].index_select(0, idx).tolist()
+        ent = out[3].index_select(0, idx).tolist()
+        crit = eng.criterion
+        score = ent if crit == "entropy" else exit_scores(logits.float(), crit)[0].tolist()
+        now = time.perf_counter()
+        answered = 0
+        with self._cv:
+            for j, i in enumerate(idx.tolist()):
+                r = reqs[i]
+                lat = now - r.t_submit
+                if _settle(r.future, ExitAnswer(pred[j], n, score[j], ent[j], logits[j], lat)):
+                    answered += 1
+                    self._latency.append(lat)
+            st = self._stats
+            st["stage_runs"][n] += 1
+            st["stage_rows"][n] += k
+            st["exits"][n] += answered
+            st["answered"] += answered
+        if stay.numel() == 0:
+            return None, []
+        return gather(h, stay), [reqs[i] for i in stay.tolist()]
