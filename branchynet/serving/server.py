@@ -1,25 +1,14 @@
 """ExitServer: early exit for a stream of single requests, batched per stage.
 
 A queue per stage holds the rows waiting for it (their hidden state and their request).
-One worker thread owns the model and the device: it picks a stage (:meth:`_pick`), runs
+One worker thread owns the model and the device: it picks a stage (the scheduler), runs
 it on up to ``max_batch_size`` rows through the engine's region for that stage (stage,
 branch, exit op), answers the rows that leave at once (their futures resolve), and
 appends the survivors to the next stage's queue, where they wait with the survivors of
 earlier and later runs (``rebatch=True``). With ``rebatch=False`` each batch is carried
 through every stage at once, as :class:`~branchynet.EarlyExitEngine` does.
 
-Which stage runs next (the rule, and why):
-
-1. the deepest stage whose queue holds ``max_batch_size`` rows: it finishes requests
-   already in flight and runs at full batch;
-2. else the deepest stage whose oldest row has waited its budget. Stage 1's budget is
-   ``max_wait_ms``. A deeper stage's budget is at least two stage-1 runs (a running mean):
-   a shorter one would run every deep batch on the survivors of one stage-1 run, the
-   per-batch compaction this server exists to avoid; when nothing is queued upstream,
-   nothing more can join, and its budget is ``max_wait_ms`` again;
-3. else the worker sleeps until the next budget or request deadline, or a submission.
-
-While closing with ``drain=True`` every non-empty queue is ready (deepest first).
+Which stage runs next, and why, is :mod:`branchynet.serving.scheduler`'s rule.
 """
 
 from __future__ import annotations
@@ -40,6 +29,7 @@ from ..engine import EarlyExitEngine
 from ..exits import exit_scores
 from ..models.branchynet import BranchyNet
 from ..ops._backends import new_outputs
+from .scheduler import Scheduler
 
 __all__ = ["ExitServer", "ExitAnswer", "Overloaded"]
 
@@ -75,13 +65,19 @@ class _Request:
         self.future, self.t_submit, self.deadline = future, t_submit, deadline
 
 
-class _Chunk:
-    """Rows waiting for one stage: their state [m, ...], their m requests, when they came."""
+class _Rows:
+    """Rows waiting for a stage: their state [m, ...] and their m requests (sliceable)."""
 
-    __slots__ = ("h", "reqs", "t")
+    __slots__ = ("h", "reqs")
 
-    def __init__(self, h: torch.Tensor, reqs: list, t: float):
-        self.h, self.reqs, self.t = h, reqs, t
+    def __init__(self, h: torch.Tensor, reqs: list):
+        self.h, self.reqs = h, reqs
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def __getitem__(self, s: slice) -> "_Rows":
+        return _Rows(self.h[s], self.reqs[s])
 
 
 def _settle(future: Future, result=None, error: BaseException | None = None) -> bool:
@@ -145,9 +141,7 @@ class ExitServer:
         self._max_queued = max_queued
         self._compiled = bool(compile)
         self._spec = None  # (C, logits dtype) for compiled stages, from the first stage-1 run
-        self._queues = [deque() for _ in range(self._n)]
-        self._rows = [0] * self._n
-        self._stage1_s = 0.0  # running mean of a stage-1 run (the deep stages' budget)
+        self._sched = Scheduler(self._n, max_batch_size, max_wait_ms / 1e3)
         self._cv = threading.Condition()
         self._closed = False
         self._drain = True
@@ -181,12 +175,11 @@ class ExitServer:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the ExitServer is closed: submit() after close()")
-            if sum(self._rows) >= self._max_queued:
+            waiting = sum(self._sched.rows)
+            if waiting >= self._max_queued:
                 self._stats["overloaded"] += 1
-                raise Overloaded(f"{sum(self._rows)} rows are waiting (max_queued={self._max_queued}); "
-                                 f"retry later")
-            self._queues[0].append(_Chunk(x.unsqueeze(0), [req], now))
-            self._rows[0] += 1
+                raise Overloaded(f"{waiting} rows are waiting (max_queued={self._max_queued}); retry later")
+            self._sched.add(0, _Rows(x.unsqueeze(0), [req]), now)
             if req.deadline is not None:
                 self._timed.append(req)
             self._cv.notify()
@@ -203,7 +196,7 @@ class ExitServer:
         answers; None before the first)."""
         with self._cv:
             out = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
-            out["queued"] = list(self._rows)
+            out["queued"] = list(self._sched.rows)
             lat = np.fromiter(self._latency, dtype=np.float64)
         out["latency_s"] = ({"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
                             if lat.size else {"p50": None, "p99": None})
@@ -255,35 +248,21 @@ class ExitServer:
             now = time.perf_counter()
             self._expire(now)
             if self._closed and not self._drain:
-                self._fail_queued(RuntimeError("the ExitServer was closed before this request was answered "
-                                               "(close(drain=False))"))
+                err = RuntimeError("the ExitServer was closed before this request was answered "
+                                   "(close(drain=False))")
+                for rows in self._sched.clear():
+                    self._fail(rows.reqs, err)
                 return None
-            n = self._pick(now)
+            n = self._sched.pick(now, closing=self._closed)
             if n is not None:
-                h, reqs = self._take(n)
+                h, reqs = self._live(self._sched.take(n))
                 if reqs:
                     return n, h, reqs
                 continue  # every row taken had timed out or was cancelled
             if self._closed:
                 return None  # drained
-            self._cv.wait(self._sleep_s(now))
-
-    def _budget(self, n: int) -> float:
-        if n == 0 or not any(self._rows[:n]):
-            return self._max_wait
-        return max(self._max_wait, 2 * self._stage1_s)
-
-    def _pick(self, now: float) -> int | None:
-        ready = [n for n in range(self._n) if self._rows[n] >= self._max_batch]
-        if not ready:
-            ready = [n for n in range(self._n) if self._queues[n]
-                     and (self._closed or now - self._queues[n][0].t >= self._budget(n))]
-        return max(ready) if ready else None
-
-    def _sleep_s(self, now: float) -> float | None:
-        wake = [q[0].t + self._budget(n) for n, q in enumerate(self._queues) if q]
-        wake += [r.deadline for r in self._timed]
-        return max(0.0, min(wake) - now) if wake else None
+            wake = [t for t in [self._sched.wake()] + [r.deadline for r in self._timed] if t is not None]
+            self._cv.wait(max(0.0, min(wake) - now) if wake else None)
 
     def _expire(self, now: float) -> None:
         if not self._timed:
@@ -293,38 +272,28 @@ class ExitServer:
             if r.future.done():
                 continue
             if r.deadline <= now:
-                if _settle(r.future, error=TimeoutError(f"no answer within the request's timeout "
-                                                        f"({r.deadline - r.t_submit:.3g} s)")):
-                    self._stats["failed"] += 1
+                self._fail([r], TimeoutError(f"no answer within the request's timeout "
+                                             f"({r.deadline - r.t_submit:.3g} s)"))
             else:
                 keep.append(r)
         self._timed = keep
 
-    def _take(self, n: int):
-        """Up to ``max_batch_size`` rows from queue n, without those already settled."""
-        q, hs, reqs, left = self._queues[n], [], [], self._max_batch
-        while q and left:
-            c = q.popleft()
-            if len(c.reqs) > left:  # split: the rest keeps its place and arrival time
-                q.appendleft(_Chunk(c.h[left:], c.reqs[left:], c.t))
-                c = _Chunk(c.h[:left], c.reqs[:left], c.t)
-            hs.append(c.h)
-            reqs += c.reqs
-            left -= len(c.reqs)
-        self._rows[n] -= len(reqs)
+    @staticmethod
+    def _live(taken: list):
+        """One state tensor and the requests of the taken rows, without those already
+        settled (timed out, or cancelled by their caller)."""
+        hs = [rows.h for rows in taken]
+        reqs = [r for rows in taken for r in rows.reqs]
+        h = hs[0] if len(hs) == 1 else torch.cat(hs)
         live = [i for i, r in enumerate(reqs) if not r.future.done()]
-        h = hs[0] if len(hs) == 1 else torch.cat(hs) if hs else None
         if len(live) < len(reqs) and live:
             h = h[torch.tensor(live, device=h.device)]
         return h, [reqs[i] for i in live]
 
-    def _fail_queued(self, err: BaseException) -> None:
-        for n, q in enumerate(self._queues):
-            while q:
-                for r in q.popleft().reqs:
-                    if _settle(r.future, error=err):
-                        self._stats["failed"] += 1
-            self._rows[n] = 0
+    def _fail(self, reqs: list, err: BaseException) -> None:
+        for r in reqs:
+            if _settle(r.future, error=err):
+                self._stats["failed"] += 1
 
     def _run(self, n: int, h: torch.Tensor, reqs: list) -> None:
         """Stage n on the taken rows (and, without rebatching, every later stage on the
@@ -336,21 +305,15 @@ class ExitServer:
                     h, reqs = self._stage(n, h, reqs)
             except Exception as err:  # a failing stage fails its run's requests, not the server
                 with self._cv:
-                    for r in reqs:
-                        if _settle(r.future, error=err):
-                            self._stats["failed"] += 1
+                    self._fail(reqs, err)
                 return
-            if n == 0:
-                self._stage1_s = 0.8 * self._stage1_s + 0.2 * (time.perf_counter() - t0)
-            n += 1
-            if not reqs:
-                return
-            if not self._rebatch:
-                continue
             with self._cv:
-                self._queues[n].append(_Chunk(h, reqs, time.perf_counter()))
-                self._rows[n] += len(reqs)
-            return
+                self._sched.ran(n, time.perf_counter() - t0)
+                n += 1
+                if reqs and self._rebatch:
+                    self._sched.add(n, _Rows(h, reqs), time.perf_counter())
+            if not reqs or self._rebatch:
+                return
 
     def _stage(self, n: int, h: torch.Tensor, reqs: list):
         """One run of stage n: answers the rows that leave, returns the survivors."""
