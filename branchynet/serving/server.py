@@ -108,6 +108,7 @@ class ExitServer:
             :class:`Overloaded` beyond it.
         backend, compile, criterion: as for the engine (compiled stages with a dynamic
             batch dimension).
+        record: keep the scheduling record (:meth:`record`).
 
     Example:
         >>> with ExitServer(model, max_batch_size=64) as server:
@@ -117,7 +118,8 @@ class ExitServer:
 
     def __init__(self, model: nn.Module, thresholds=None, *, max_batch_size: int = 256,
                  max_wait_ms: float = 2.0, rebatch: bool = True, max_queued: int = 4096,
-                 backend: str = "auto", compile=False, criterion: str | None = None) -> None:
+                 backend: str = "auto", compile=False, criterion: str | None = None,
+                 record: bool = False) -> None:
         if isinstance(model, BranchyNet):
             net = model
         elif isinstance(model, nn.Module):
@@ -149,6 +151,10 @@ class ExitServer:
         self._stats = {"stage_runs": [0] * self._n, "stage_rows": [0] * self._n, "exits": [0] * self._n,
                        "answered": 0, "failed": 0, "overloaded": 0}
         self._latency = deque(maxlen=100_000)
+        # The scheduling record (record=True): arrivals, and every run's start, stage, rows
+        # and seconds, on the server's clock; what a simulation replays.
+        self._t0 = time.perf_counter()
+        self._record = {"arrivals": [], "runs": []} if record else None
         self._worker = threading.Thread(target=self._work, name="branchynet-exit-server", daemon=True)
         self._worker.start()
 
@@ -180,6 +186,8 @@ class ExitServer:
                 self._stats["overloaded"] += 1
                 raise Overloaded(f"{waiting} rows are waiting (max_queued={self._max_queued}); retry later")
             self._sched.add(0, _Rows(x.unsqueeze(0), [req]), now)
+            if self._record is not None:
+                self._record["arrivals"].append(now - self._t0)
             if req.deadline is not None:
                 self._timed.append(req)
             self._cv.notify()
@@ -201,6 +209,15 @@ class ExitServer:
         out["latency_s"] = ({"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
                             if lat.size else {"p50": None, "p99": None})
         return out
+
+    def record(self) -> dict:
+        """What the scheduler saw and did (``record=True``): ``arrivals`` (seconds since
+        start, one per accepted request) and ``runs`` (``(start s, stage, rows, seconds)``
+        per stage run), for replaying it (:func:`branchynet.serving.simulate`)."""
+        if self._record is None:
+            raise RuntimeError("build the server with record=True to keep its record")
+        with self._cv:
+            return {"arrivals": list(self._record["arrivals"]), "runs": list(self._record["runs"])}
 
     def close(self, drain: bool = True) -> None:
         """Stop accepting requests; answer everything queued (``drain``) or fail it."""
@@ -300,6 +317,7 @@ class ExitServer:
         survivors); answers the leavers, queues the survivors."""
         while True:
             t0 = time.perf_counter()
+            reqs_in = reqs
             try:
                 with torch.inference_mode():
                     h, reqs = self._stage(n, h, reqs)
@@ -308,7 +326,10 @@ class ExitServer:
                     self._fail(reqs, err)
                 return
             with self._cv:
-                self._sched.ran(n, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                self._sched.ran(n, seconds)
+                if self._record is not None:
+                    self._record["runs"].append((t0 - self._t0, n, len(reqs_in), seconds))
                 n += 1
                 if reqs and self._rebatch:
                     self._sched.add(n, _Rows(h, reqs), time.perf_counter())
