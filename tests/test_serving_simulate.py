@@ -129,20 +129,22 @@ def _burst(server, xs, futures):
         futures.append(server.submit(x, timeout_s=30.0))
 
 
-def test_replaying_a_real_servers_record_makes_the_same_runs(one_thread):
+@pytest.mark.parametrize("rebatch", [True, False])
+def test_replaying_a_real_servers_record_makes_the_same_runs(one_thread, rebatch):
     """Every decision of this load falls on a full queue or a 30 ms budget expiry with no
-    other event within 10 ms of it, so thread jitter cannot change it."""
+    other event within 20 ms of it, so thread jitter cannot change it."""
     model = mlp(0)
     thresholds = [0.5, 0.8]
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(50, 12, generator=g) * torch.linspace(0.05, 3.0, 50).unsqueeze(1)
     futures = []
-    with ExitServer(model, thresholds, max_batch_size=16, max_wait_ms=30, record=True) as server:
+    with ExitServer(model, thresholds, max_batch_size=16, max_wait_ms=30, rebatch=rebatch,
+                     record=True) as server:
         t0 = time.perf_counter()
-        plan = [(0.0, xs[0:10]),     # waits 30 ms at every stage
-                (0.3, xs[10:26]),    # a full batch: runs at once
-                (0.6, xs[26:42]),    # a full batch, then 8 more 25 ms later: stage 2 runs
-                (0.625, xs[42:50])]  # the survivors of the 16 while stage 1's 8 still wait
+        # rebatch=True: 10 rows wait 30 ms at every stage; a full batch runs at once; a
+        # full batch, then 8 more 25 ms later: stage 2 runs the survivors of the 16 while
+        # stage 1's 8 still wait. rebatch=False: each batch carried through at once.
+        plan = [(0.0, xs[0:10]), (0.3, xs[10:26]), (0.6, xs[26:42]), (0.625, xs[42:50])]
         for at, chunk in plan:
             time.sleep(max(0.0, t0 + at - time.perf_counter()))
             _burst(server, chunk, futures)
@@ -150,14 +152,15 @@ def test_replaying_a_real_servers_record_makes_the_same_runs(one_thread):
     rec = server.record()  # after close: a run is recorded just after its answers resolve
     assert len(rec["arrivals"]) == 50 and len(set(exits)) == 3, exits
     res = simulate(rec["arrivals"], exits, [s for _, _, _, s in rec["runs"]], num_stages=3,
-                   max_batch_size=16, max_wait_ms=30)
+                   max_batch_size=16, max_wait_ms=30, rebatch=rebatch)
     stages, starts = schedule(res)
     assert stages == [(n, k) for _, n, k, _ in rec["runs"]]
     # The server starts a run when its worker wakes, never before the rule allows it, so
-    # it lags the virtual clock, by the wake-up delays along a chain of runs: about 2 ms
-    # here on an idle CPU, 7 ms with every core busy.
+    # it lags the virtual clock by the wake-up delays along a chain of runs: 1 to 5 ms on
+    # a quiet 2-core CPU, up to 12 ms with both cores saturated by other work. The bound
+    # stays under the 20 ms between events that the decisions above rely on.
     lag = np.array([s for s, _, _, _ in rec["runs"]]) - np.array(starts)
-    assert np.all(lag > -1e-6) and np.all(lag < 0.010), lag
+    assert np.all(lag > -1e-6) and np.all(lag < 0.015), lag
     assert res.exit_counts == np.bincount(exits, minlength=3).tolist()
 
 

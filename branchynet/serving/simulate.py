@@ -30,7 +30,7 @@ __all__ = ["SimResult", "simulate", "stage_time_from_profile", "stage_time_from_
            "poisson_arrivals"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not results
 class SimResult:
     """What the virtual server did with R requests on N stages.
 
