@@ -1,5 +1,9 @@
-"""Serving early exit: a stream of single requests, batched per stage (:class:`ExitServer`)."""
+"""Serving early exit: a stream of single requests, batched per stage (:class:`ExitServer`),
+and its schedule on a virtual clock (:func:`simulate`)."""
 
 from .server import ExitAnswer, ExitServer, Overloaded
+from .simulate import (SimResult, poisson_arrivals, simulate, stage_time_from_profile,
+                       stage_time_from_table)
 
-__all__ = ["ExitServer", "ExitAnswer", "Overloaded"]
+__all__ = ["ExitServer", "ExitAnswer", "Overloaded", "simulate", "SimResult",
+           "stage_time_from_profile", "stage_time_from_table", "poisson_arrivals"]
