@@ -14,6 +14,8 @@ Which stage runs next, and why, is :mod:`branchynet.serving.scheduler`'s rule.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import threading
 import time
@@ -145,9 +147,14 @@ class ExitServer:
         self._spec = None  # (C, logits dtype) for compiled stages, from the first stage-1 run
         self._sched = Scheduler(self._n, max_batch_size, max_wait_ms / 1e3)
         self._cv = threading.Condition()
+        # The request deadlines' own thread, on the same lock: a request times out at its
+        # deadline even while the worker is busy in a long stage run.
+        self._reap_cv = threading.Condition(self._cv)
         self._closed = False
         self._drain = True
-        self._timed = []  # requests with a deadline, swept by the worker
+        self._deadlines = []  # heap of (deadline, n, request)
+        self._reaper = None
+        self._seq = itertools.count()  # ties of equal deadlines: first come, first failed
         self._stats = {"stage_runs": [0] * self._n, "stage_rows": [0] * self._n, "exits": [0] * self._n,
                        "answered": 0, "failed": 0, "overloaded": 0}
         self._latency = deque(maxlen=100_000)
@@ -189,7 +196,12 @@ class ExitServer:
             if self._record is not None:
                 self._record["arrivals"].append(now - self._t0)
             if req.deadline is not None:
-                self._timed.append(req)
+                heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="branchynet-exit-server-timeouts",
+                                                    daemon=True)
+                    self._reaper.start()
+                self._reap_cv.notify()
             self._cv.notify()
         return req.future
 
@@ -226,6 +238,10 @@ class ExitServer:
                 self._closed, self._drain = True, drain
             self._cv.notify_all()
         self._worker.join()
+        with self._cv:
+            self._reap_cv.notify()
+        if self._reaper is not None:
+            self._reaper.join()
 
     def __enter__(self) -> "ExitServer":
         return self
@@ -263,7 +279,6 @@ class ExitServer:
         """Under the lock: ``(stage, state, requests)`` of the next run, or None to stop."""
         while True:
             now = time.perf_counter()
-            self._expire(now)
             if self._closed and not self._drain:
                 err = RuntimeError("the ExitServer was closed before this request was answered "
                                    "(close(drain=False))")
@@ -278,22 +293,22 @@ class ExitServer:
                 continue  # every row taken had timed out or was cancelled
             if self._closed:
                 return None  # drained
-            wake = [t for t in [self._sched.wake()] + [r.deadline for r in self._timed] if t is not None]
-            self._cv.wait(max(0.0, min(wake) - now) if wake else None)
+            wake = self._sched.wake()
+            self._cv.wait(None if wake is None else max(0.0, wake - now))
 
-    def _expire(self, now: float) -> None:
-        if not self._timed:
-            return
-        keep = []
-        for r in self._timed:
-            if r.future.done():
-                continue
-            if r.deadline <= now:
-                self._fail([r], TimeoutError(f"no answer within the request's timeout "
-                                             f"({r.deadline - r.t_submit:.3g} s)"))
-            else:
-                keep.append(r)
-        self._timed = keep
+    def _reap(self) -> None:
+        """Fail each request at its deadline (the timeouts' thread, until the worker ends)."""
+        with self._cv:
+            while True:
+                now = time.perf_counter()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    deadline, _, r = heapq.heappop(self._deadlines)
+                    self._fail([r], TimeoutError(f"no answer within the request's timeout "
+                                                 f"({deadline - r.t_submit:.3g} s)"))
+                if not self._worker.is_alive():
+                    return
+                wait = self._deadlines[0][0] - now if self._deadlines else None
+                self._reap_cv.wait(wait)
 
     @staticmethod
     def _live(taken: list):
@@ -316,28 +331,23 @@ class ExitServer:
         """Stage n on the taken rows (and, without rebatching, every later stage on the
         survivors); answers the leavers, queues the survivors."""
         while True:
-            t0 = time.perf_counter()
-            reqs_in = reqs
             try:
                 with torch.inference_mode():
-                    h, reqs = self._stage(n, h, reqs)
+                    h, reqs = self._stage(n, h, reqs, time.perf_counter())
             except Exception as err:  # a failing stage fails its run's requests, not the server
                 with self._cv:
                     self._fail(reqs, err)
                 return
             with self._cv:
-                seconds = time.perf_counter() - t0
-                self._sched.ran(n, seconds)
-                if self._record is not None:
-                    self._record["runs"].append((t0 - self._t0, n, len(reqs_in), seconds))
                 n += 1
                 if reqs and self._rebatch:
                     self._sched.add(n, _Rows(h, reqs), time.perf_counter())
             if not reqs or self._rebatch:
                 return
 
-    def _stage(self, n: int, h: torch.Tensor, reqs: list):
-        """One run of stage n: answers the rows that leave, returns the survivors."""
+    def _stage(self, n: int, h: torch.Tensor, reqs: list, t0: float):
+        """One run of stage n (started at t0): answers the rows that leave, returns the
+        survivors."""
         eng = self._engine
         k = h.shape[0]
         rows = eng._rows(k, h.device)
@@ -361,6 +371,11 @@ class ExitServer:
         now = time.perf_counter()
         answered = 0
         with self._cv:
+            # The run counts (and is recorded) before its answers go out: a caller who
+            # has every answer also sees every run.
+            self._sched.ran(n, now - t0)
+            if self._record is not None:
+                self._record["runs"].append((t0 - self._t0, n, k, now - t0))
             for j, i in enumerate(idx.tolist()):
                 r = reqs[i]
                 lat = now - r.t_submit
