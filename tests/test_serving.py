@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import math
 import threading
 import time
@@ -58,10 +59,10 @@ def samples(n, width=8, seed=1, dtype=torch.float64):
     return (torch.randn(n, width, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def model_and_thresholds(seed=0, n=64, **kw):
+def model_and_thresholds(seed=0, **kw):
     """A model with thresholds that send some samples out of every exit."""
     model = mlp(seed, **kw)
-    ts = split_thresholds(model, samples(256, seed=seed + 100))
+    ts = split_thresholds(model, samples(256, width=kw.get("width", 8), seed=seed + 100))
     return model, ts
 
 
@@ -127,6 +128,38 @@ def gated_model(seed=0, at=0):
     return mlp(seed, stages=stages), gate
 
 
+# --- the server under a time limit -----------------------------------------------------
+
+
+def close_within(server, drain=True, timeout=WAIT):
+    """``server.close(drain)`` on a helper thread: a close that never returns fails the
+    test instead of hanging the suite."""
+    errors = []
+
+    def close():
+        try:
+            server.close(drain=drain)
+        except BaseException as e:  # re-raised on the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=close, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"close(drain={drain}) did not return within {timeout} s"
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def serve(model, thresholds=None, **kw):
+    """An :class:`ExitServer` closed with drain on leaving, within :data:`WAIT`."""
+    server = ExitServer(model, thresholds, **kw)
+    try:
+        yield server
+    finally:
+        close_within(server)
+
+
 # --- answers ----------------------------------------------------------------------------
 
 
@@ -178,7 +211,7 @@ def submit_from_threads(server, x, threads=4, **kw):
 def test_answers_from_several_threads_equal_the_per_sample_rule(rebatch):
     model, ts = model_and_thresholds()
     x = samples(300)
-    with ExitServer(model, ts, max_batch_size=16, max_wait_ms=1.0, rebatch=rebatch) as server:
+    with serve(model, ts, max_batch_size=16, max_wait_ms=1.0, rebatch=rebatch) as server:
         answers = results(submit_from_threads(server, x))
     assert_rule(answers, model, x, ts)
     # The thresholds split the samples: every exit answers some, so a server that sent
@@ -190,7 +223,7 @@ def test_thresholds_default_to_the_models_exit_config():
     model, ts = model_and_thresholds(seed=3)
     model.exit_config.thresholds = ts
     x = samples(64, seed=4)
-    with ExitServer(model) as server:
+    with serve(model) as server:
         answers = results([server.submit(row) for row in x])
     assert_rule(answers, model, x, ts)
 
@@ -200,7 +233,7 @@ def test_a_criterion_other_than_entropy_answers_as_the_engine_does():
     x = samples(64, seed=6)
     ts = [0.3, 0.3]
     want = bn.EarlyExitEngine(model, ts, criterion="margin").per_sample(x)
-    with ExitServer(model, ts, criterion="margin") as server:
+    with serve(model, ts, criterion="margin") as server:
         answers = results([server.submit(row) for row in x])
     assert [r.exit for r in answers] == want.exit.tolist()
     assert [r.pred for r in answers] == want.pred.tolist()
@@ -216,7 +249,7 @@ def test_a_plain_module_is_one_stage_without_side_exit():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     x = samples(100, seed=8)
-    with ExitServer(module, max_batch_size=8) as server:
+    with serve(module, max_batch_size=8) as server:
         answers = results(submit_from_threads(server, x))
         stats = server.stats()
     with torch.no_grad():
@@ -252,7 +285,7 @@ def test_a_hundred_thousand_requests_are_each_answered_once(one_thread):
                 calls[i] += 1
         return done
 
-    with ExitServer(model, ts, max_batch_size=256, max_wait_ms=1.0) as server:
+    with serve(model, ts, max_batch_size=256, max_wait_ms=1.0) as server:
         start = threading.Barrier(threads)
 
         def work(k):
@@ -298,7 +331,7 @@ def test_submit_beyond_the_queue_bound_raises_overloaded_at_once():
     ts = split_thresholds(model, samples(256, seed=111))
     x = samples(40, seed=12)
     accepted, refused = [], 0
-    with ExitServer(model, ts, max_batch_size=2, max_queued=4, max_wait_ms=0.0) as server:
+    with serve(model, ts, max_batch_size=2, max_queued=4, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             accepted.append((0, server.submit(x[0])))
@@ -327,7 +360,7 @@ def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
     model, gate = gated_model(seed=13)
     ts = split_thresholds(model, samples(256, seed=113))
     x = samples(6, seed=14)
-    with ExitServer(model, ts, max_batch_size=1, max_wait_ms=0.0) as server:
+    with serve(model, ts, max_batch_size=1, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             first = server.submit(x[0])
@@ -361,7 +394,7 @@ def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
 ], ids=["batch-dim", "wrong-size", "scalar", "int64", "float64"])
 def test_a_bad_sample_is_refused_at_submit_naming_x(bad, error):
     model = mlp(seed=15, dtype=torch.float32)
-    with ExitServer(model, [0.0, 0.0]) as server:
+    with serve(model, [0.0, 0.0]) as server:
         with pytest.raises(error, match=r"\bx\b"):
             server.submit(bad)
         stats = server.stats()
@@ -381,7 +414,7 @@ def test_a_bad_sample_to_predict_is_refused_naming_x():
     async def ask(server):
         return await server.predict(torch.zeros(1, 8))
 
-    with ExitServer(model, [0.5, 0.5]) as server:
+    with serve(model, [0.5, 0.5]) as server:
         with pytest.raises(ValueError, match=r"\bx\b"):
             asyncio.run(ask(server))
 
@@ -401,7 +434,7 @@ def test_a_failing_stage_fails_its_runs_requests_and_the_server_goes_on(rebatch)
     x = samples(40, seed=18)
     marked = samples(1, seed=19)
     marked[0, 0] = 1e6
-    with ExitServer(model, ts, max_batch_size=8, rebatch=rebatch) as server:
+    with serve(model, ts, max_batch_size=8, rebatch=rebatch) as server:
         bad = server.submit(marked[0])
         assert cf.wait([bad], timeout=WAIT).done == {bad}
         error = bad.exception(timeout=0)
@@ -443,7 +476,7 @@ def test_close_with_drain_answers_everything_queued():
         assert gate.entered.wait(WAIT)
         futures += [server.submit(row) for row in x[1:]]
         opener.start()  # close must wait for the held run, then answer the queue
-        server.close(drain=True)
+        close_within(server, drain=True)
     finally:
         opener.cancel()
         gate.open()
@@ -466,7 +499,7 @@ def test_close_without_drain_fails_the_queued_requests():
         assert gate.entered.wait(WAIT)
         queued = [server.submit(row) for row in x[1:]]
         opener.start()
-        server.close(drain=False)
+        close_within(server, drain=False)
     finally:
         opener.cancel()
         gate.open()
@@ -491,9 +524,20 @@ def test_close_without_drain_fails_the_queued_requests():
 def test_the_context_manager_drains_on_exit_and_then_refuses():
     model, ts = model_and_thresholds(seed=24)
     x = samples(50, seed=25)
-    with ExitServer(model, ts, max_batch_size=4) as server:
-        futures = [server.submit(row) for row in x]
-    assert all(f.done() for f in futures)
+    futures, used = [], []
+
+    def use():
+        with ExitServer(model, ts, max_batch_size=4) as server:
+            futures.extend(server.submit(row) for row in x)
+        used.append(server)
+
+    # On a helper thread: a __exit__ that never returns fails the test, not the suite.
+    t = threading.Thread(target=use, daemon=True)
+    t.start()
+    t.join(WAIT)
+    assert used, "the with block did not finish"
+    server = used[0]
+    assert all(f.done() for f in futures), "__exit__ returned with requests pending"
     assert_rule(results(futures), model, x, ts)
     with pytest.raises(RuntimeError, match="closed"):
         server.submit(x[0])
@@ -510,7 +554,7 @@ def test_predict_answers_as_submit_does():
         return await asyncio.wait_for(
             asyncio.gather(*(server.predict(row) for row in x)), WAIT)
 
-    with ExitServer(model, ts, max_batch_size=8) as server:
+    with serve(model, ts, max_batch_size=8) as server:
         by_predict = asyncio.run(ask_all(server))
         by_submit = results([server.submit(row) for row in x])
     assert_rule(by_predict, model, x, ts)
@@ -531,7 +575,7 @@ def test_predict_past_its_timeout_raises_timeout_error():
         assert task in done, "predict outlived its timeout while the stage was held"
         return task.exception()
 
-    with ExitServer(model, [0.0, 0.0], max_batch_size=1, max_wait_ms=0.0) as server:
+    with serve(model, [0.0, 0.0], max_batch_size=1, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             first = server.submit(x[0])
@@ -551,7 +595,7 @@ STATS_KEYS = {"stage_runs", "stage_rows", "exits", "queued", "answered", "failed
 
 def test_stats_before_any_request():
     model, ts = model_and_thresholds(seed=30)
-    with ExitServer(model, ts) as server:
+    with serve(model, ts) as server:
         stats = server.stats()
     assert set(stats) == STATS_KEYS
     for key in ("stage_runs", "stage_rows", "exits", "queued"):
@@ -565,7 +609,7 @@ def test_stats_count_the_rows_each_stage_ran_and_each_exit_answered(rebatch):
     model, ts = model_and_thresholds(seed=31)
     x = samples(200, seed=32)
     max_batch = 16
-    with ExitServer(model, ts, max_batch_size=max_batch, rebatch=rebatch) as server:
+    with serve(model, ts, max_batch_size=max_batch, rebatch=rebatch) as server:
         answers = results(submit_from_threads(server, x))
         stats = server.stats()
     assert set(stats) == STATS_KEYS
@@ -591,7 +635,7 @@ def test_stats_show_the_rows_waiting_at_a_held_stage():
     model, gate = gated_model(seed=33, at=1)
     x = samples(12, seed=34)
     # Thresholds 0: nobody leaves early, so every sample queues for stage 1.
-    with ExitServer(model, [0.0, 0.0], max_batch_size=2, max_wait_ms=0.0) as server:
+    with serve(model, [0.0, 0.0], max_batch_size=2, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             futures = [server.submit(x[0])]
