@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 import branchynet as bn
+from branchynet.exits import exit_scores
 from branchynet.testing import per_sample_rule, split_thresholds
 
-serving = pytest.importorskip("branchynet.serving")
-ExitServer, Overloaded, ExitAnswer = serving.ExitServer, serving.Overloaded, serving.ExitAnswer
+from branchynet.serving import ExitAnswer, ExitServer, Overloaded
 
 WAIT = 20.0  # seconds any single answer may take before the test calls it lost
 
@@ -170,6 +170,19 @@ def results(futures, timeout=WAIT):
     return [f.result(timeout=0) for f in futures]
 
 
+def settled_stats(server, requests=0, *, answered=0, timeout=5.0):
+    """``server.stats()`` once at least ``requests`` requests are counted answered or
+    failed and ``answered`` answered: the counters may be updated just after a future is
+    resolved, so a read right after the last answer could see them one behind."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.stats()
+        if ((stats["answered"] + stats["failed"] >= requests and stats["answered"] >= answered)
+                or time.monotonic() > deadline):
+            return stats
+        time.sleep(0.01)
+
+
 def assert_rule(answers, model, x, thresholds):
     """Each answer is what the paper's rule gives its sample alone."""
     want = per_sample_rule(model, x, thresholds)
@@ -212,8 +225,12 @@ def test_answers_from_several_threads_equal_the_per_sample_rule(rebatch):
     model, ts = model_and_thresholds()
     x = samples(300)
     with serve(model, ts, max_batch_size=16, max_wait_ms=1.0, rebatch=rebatch) as server:
+        t0 = time.perf_counter()
         answers = results(submit_from_threads(server, x))
+        elapsed = time.perf_counter() - t0
     assert_rule(answers, model, x, ts)
+    # latency_s runs from submit to answer, both inside this window.
+    assert max(r.latency_s for r in answers) <= elapsed
     # The thresholds split the samples: every exit answers some, so a server that sent
     # everyone to one exit cannot pass.
     assert {r.exit for r in answers} == set(range(model.num_exits))
@@ -239,6 +256,11 @@ def test_a_criterion_other_than_entropy_answers_as_the_engine_does():
     assert [r.pred for r in answers] == want.pred.tolist()
     for i, r in enumerate(answers):
         assert math.isclose(r.entropy, float(want.entropy[i]), rel_tol=1e-5, abs_tol=1e-6)
+        # The score is the criterion's, not the entropy: the one the exit was decided on.
+        score = float(exit_scores(r.logits[None], "margin")[0])
+        assert math.isclose(r.score, score, rel_tol=1e-5, abs_tol=1e-6), f"sample {i}"
+        if r.exit < len(ts):
+            assert r.score < ts[r.exit]
     assert 0 < sum(r.exit == 0 for r in answers) < len(answers), "margin 0.3 should split"
 
 
@@ -251,7 +273,7 @@ def test_a_plain_module_is_one_stage_without_side_exit():
     x = samples(100, seed=8)
     with serve(module, max_batch_size=8) as server:
         answers = results(submit_from_threads(server, x))
-        stats = server.stats()
+        stats = settled_stats(server, 100)
     with torch.no_grad():
         z = module(x)
     p = torch.softmax(z, 1)
@@ -261,6 +283,18 @@ def test_a_plain_module_is_one_stage_without_side_exit():
         torch.testing.assert_close(r.logits, z[i], rtol=1e-9, atol=1e-9)
         assert math.isclose(r.entropy, float(entropy[i]), rel_tol=1e-5, abs_tol=1e-6)
     assert stats["exits"] == [100] and stats["stage_rows"] == [100]
+
+
+def test_a_plain_module_refuses_a_sample_of_another_dtype_naming_x():
+    module = nn.Sequential(nn.Linear(8, 5)).eval()
+    with serve(module) as server:
+        for bad in (torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.float64)):
+            with pytest.raises(TypeError, match=r"\bx\b"):
+                server.submit(bad)
+        assert server.stats()["stage_runs"] == [0]
+        r = results([server.submit(torch.ones(8))])[0]
+    with torch.no_grad():
+        assert (r.exit, r.pred) == (0, int(module(torch.ones(1, 8)).argmax()))
 
 
 # --- nothing lost, nothing answered twice -----------------------------------------------
@@ -309,7 +343,7 @@ def test_a_hundred_thousand_requests_are_each_answered_once(one_thread):
         assert all(f is not None for f in futures), "a submitting thread died"
         done, pending = cf.wait(futures, timeout=120)
         assert not pending, f"{len(pending)} requests never answered"
-        stats = server.stats()
+        stats = settled_stats(server, total)
     exits = torch.tensor([f.result(timeout=0).exit for f in futures])
     preds = torch.tensor([f.result(timeout=0).pred for f in futures])
     assert torch.equal(exits, want.exit) and torch.equal(preds, want.pred)
@@ -353,7 +387,7 @@ def test_submit_beyond_the_queue_bound_raises_overloaded_at_once():
         answers = results([f for _, f in accepted])
     rows = [i for i, _ in accepted]
     assert_rule(answers, model, x[rows], ts)
-    assert server.stats()["answered"] == len(accepted)
+    assert settled_stats(server, answered=len(accepted))["answered"] == len(accepted)
 
 
 def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
@@ -379,7 +413,8 @@ def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
         assert 0.15 <= elapsed < 10
         answers = results([first] + others)
     assert_rule(answers, model, torch.cat([x[:1], x[2:]]), ts)
-    assert server.stats()["answered"] == 5
+    # Whether a timeout also counts as failed is not pinned; the answers are.
+    assert settled_stats(server, answered=5)["answered"] == 5
 
 
 # --- bad samples ------------------------------------------------------------------------
@@ -402,8 +437,8 @@ def test_a_bad_sample_is_refused_at_submit_naming_x(bad, error):
         # The refused sample never reached a batch: the next request runs alone.
         good = samples(1, seed=16, dtype=torch.float32)
         r = results([server.submit(good[0])])[0]
-        assert server.stats()["stage_rows"][0] == 1
-        assert server.stats()["failed"] == 0
+        stats = settled_stats(server, 1)
+        assert stats["stage_rows"][0] == 1 and stats["failed"] == 0
     w = per_sample_rule(model, good, [0.0, 0.0])[0]
     assert (r.exit, r.pred) == (w.exit, w.pred)
 
@@ -453,7 +488,7 @@ def test_a_failing_stage_fails_its_runs_requests_and_the_server_goes_on(rebatch)
         assert_rule([futures[i].result(timeout=0) for i in ok], model, burst[ok], ts)
         # Later requests are served.
         later = results(submit_from_threads(server, x, threads=2))
-        stats = server.stats()
+        stats = settled_stats(server, 1 + len(futures) + len(x))
     assert_rule(later, model, x, ts)
     failed = 1 + len(futures) - len(ok)
     assert stats["failed"] == failed
@@ -484,7 +519,7 @@ def test_close_with_drain_answers_everything_queued():
     assert_rule(results(futures), model, x, ts)
     with pytest.raises(RuntimeError, match="closed"):
         server.submit(x[0])
-    assert server.stats()["answered"] == 10
+    assert settled_stats(server, answered=10)["answered"] == 10
 
 
 def test_close_without_drain_fails_the_queued_requests():
@@ -514,7 +549,7 @@ def test_close_without_drain_fails_the_queued_requests():
         assert_rule([held.result(timeout=0)], model, x[:1], ts)
     else:
         assert "closed" in str(held.exception(timeout=0))
-    stats = server.stats()
+    stats = settled_stats(server, 10)
     assert stats["answered"] + stats["failed"] == 10
     assert stats["failed"] >= 9
     with pytest.raises(RuntimeError, match="closed"):
@@ -610,8 +645,8 @@ def test_stats_count_the_rows_each_stage_ran_and_each_exit_answered(rebatch):
     x = samples(200, seed=32)
     max_batch = 16
     with serve(model, ts, max_batch_size=max_batch, rebatch=rebatch) as server:
-        answers = results(submit_from_threads(server, x))
-        stats = server.stats()
+        results(submit_from_threads(server, x))
+        stats = settled_stats(server, 200)
     assert set(stats) == STATS_KEYS
     want = per_sample_rule(model, x, ts)
     n = model.num_exits
@@ -642,11 +677,14 @@ def test_stats_show_the_rows_waiting_at_a_held_stage():
             assert gate.entered.wait(WAIT)
             futures += [server.submit(row) for row in x[1:]]
             # Whether stage 0 runs on while stage 1 is held is the server's choice; wait
-            # until every row not in the held run waits somewhere.
+            # until no stage-0 run is under way and every row not in the held run waits.
             deadline = time.monotonic() + WAIT
-            while sum(server.stats()["queued"]) < 10 and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                stats = server.stats()
+                if (sum(stats["queued"]) >= 10
+                        and stats["stage_rows"][0] + stats["queued"][0] == 12):
+                    break
                 time.sleep(0.01)
-            stats = server.stats()
         finally:
             gate.open()
         answers = results(futures)
