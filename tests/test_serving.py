@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import math
 import threading
 import time
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 
 import branchynet as bn
+from branchynet.exits import exit_scores
 from branchynet.testing import per_sample_rule, split_thresholds
 
-serving = pytest.importorskip("branchynet.serving")
-ExitServer, Overloaded, ExitAnswer = serving.ExitServer, serving.Overloaded, serving.ExitAnswer
+from branchynet.serving import ExitAnswer, ExitServer, Overloaded
 
 WAIT = 20.0  # seconds any single answer may take before the test calls it lost
 
@@ -58,10 +59,10 @@ def samples(n, width=8, seed=1, dtype=torch.float64):
     return (torch.randn(n, width, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def model_and_thresholds(seed=0, n=64, **kw):
+def model_and_thresholds(seed=0, **kw):
     """A model with thresholds that send some samples out of every exit."""
     model = mlp(seed, **kw)
-    ts = split_thresholds(model, samples(256, seed=seed + 100))
+    ts = split_thresholds(model, samples(256, width=kw.get("width", 8), seed=seed + 100))
     return model, ts
 
 
@@ -127,6 +128,38 @@ def gated_model(seed=0, at=0):
     return mlp(seed, stages=stages), gate
 
 
+# --- the server under a time limit -----------------------------------------------------
+
+
+def close_within(server, drain=True, timeout=WAIT):
+    """``server.close(drain)`` on a helper thread: a close that never returns fails the
+    test instead of hanging the suite."""
+    errors = []
+
+    def close():
+        try:
+            server.close(drain=drain)
+        except BaseException as e:  # re-raised on the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=close, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"close(drain={drain}) did not return within {timeout} s"
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def serve(model, thresholds=None, **kw):
+    """An :class:`ExitServer` closed with drain on leaving, within :data:`WAIT`."""
+    server = ExitServer(model, thresholds, **kw)
+    try:
+        yield server
+    finally:
+        close_within(server)
+
+
 # --- answers ----------------------------------------------------------------------------
 
 
@@ -135,6 +168,19 @@ def results(futures, timeout=WAIT):
     done, pending = cf.wait(futures, timeout=timeout)
     assert not pending, f"{len(pending)} of {len(futures)} requests never answered"
     return [f.result(timeout=0) for f in futures]
+
+
+def settled_stats(server, requests=0, *, answered=0, timeout=5.0):
+    """``server.stats()`` once at least ``requests`` requests are counted answered or
+    failed and ``answered`` answered: the counters may be updated just after a future is
+    resolved, so a read right after the last answer could see them one behind."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.stats()
+        if ((stats["answered"] + stats["failed"] >= requests and stats["answered"] >= answered)
+                or time.monotonic() > deadline):
+            return stats
+        time.sleep(0.01)
 
 
 def assert_rule(answers, model, x, thresholds):
@@ -178,9 +224,13 @@ def submit_from_threads(server, x, threads=4, **kw):
 def test_answers_from_several_threads_equal_the_per_sample_rule(rebatch):
     model, ts = model_and_thresholds()
     x = samples(300)
-    with ExitServer(model, ts, max_batch_size=16, max_wait_ms=1.0, rebatch=rebatch) as server:
+    with serve(model, ts, max_batch_size=16, max_wait_ms=1.0, rebatch=rebatch) as server:
+        t0 = time.perf_counter()
         answers = results(submit_from_threads(server, x))
+        elapsed = time.perf_counter() - t0
     assert_rule(answers, model, x, ts)
+    # latency_s runs from submit to answer, both inside this window.
+    assert max(r.latency_s for r in answers) <= elapsed
     # The thresholds split the samples: every exit answers some, so a server that sent
     # everyone to one exit cannot pass.
     assert {r.exit for r in answers} == set(range(model.num_exits))
@@ -190,7 +240,7 @@ def test_thresholds_default_to_the_models_exit_config():
     model, ts = model_and_thresholds(seed=3)
     model.exit_config.thresholds = ts
     x = samples(64, seed=4)
-    with ExitServer(model) as server:
+    with serve(model) as server:
         answers = results([server.submit(row) for row in x])
     assert_rule(answers, model, x, ts)
 
@@ -200,12 +250,17 @@ def test_a_criterion_other_than_entropy_answers_as_the_engine_does():
     x = samples(64, seed=6)
     ts = [0.3, 0.3]
     want = bn.EarlyExitEngine(model, ts, criterion="margin").per_sample(x)
-    with ExitServer(model, ts, criterion="margin") as server:
+    with serve(model, ts, criterion="margin") as server:
         answers = results([server.submit(row) for row in x])
     assert [r.exit for r in answers] == want.exit.tolist()
     assert [r.pred for r in answers] == want.pred.tolist()
     for i, r in enumerate(answers):
         assert math.isclose(r.entropy, float(want.entropy[i]), rel_tol=1e-5, abs_tol=1e-6)
+        # The score is the criterion's, not the entropy: the one the exit was decided on.
+        score = float(exit_scores(r.logits[None], "margin")[0])
+        assert math.isclose(r.score, score, rel_tol=1e-5, abs_tol=1e-6), f"sample {i}"
+        if r.exit < len(ts):
+            assert r.score < ts[r.exit]
     assert 0 < sum(r.exit == 0 for r in answers) < len(answers), "margin 0.3 should split"
 
 
@@ -216,9 +271,9 @@ def test_a_plain_module_is_one_stage_without_side_exit():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     x = samples(100, seed=8)
-    with ExitServer(module, max_batch_size=8) as server:
+    with serve(module, max_batch_size=8) as server:
         answers = results(submit_from_threads(server, x))
-        stats = server.stats()
+        stats = settled_stats(server, 100)
     with torch.no_grad():
         z = module(x)
     p = torch.softmax(z, 1)
@@ -228,6 +283,18 @@ def test_a_plain_module_is_one_stage_without_side_exit():
         torch.testing.assert_close(r.logits, z[i], rtol=1e-9, atol=1e-9)
         assert math.isclose(r.entropy, float(entropy[i]), rel_tol=1e-5, abs_tol=1e-6)
     assert stats["exits"] == [100] and stats["stage_rows"] == [100]
+
+
+def test_a_plain_module_refuses_a_sample_of_another_dtype_naming_x():
+    module = nn.Sequential(nn.Linear(8, 5)).eval()
+    with serve(module) as server:
+        for bad in (torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.float64)):
+            with pytest.raises(TypeError, match=r"\bx\b"):
+                server.submit(bad)
+        assert server.stats()["stage_runs"] == [0]
+        r = results([server.submit(torch.ones(8))])[0]
+    with torch.no_grad():
+        assert (r.exit, r.pred) == (0, int(module(torch.ones(1, 8)).argmax()))
 
 
 # --- nothing lost, nothing answered twice -----------------------------------------------
@@ -252,7 +319,7 @@ def test_a_hundred_thousand_requests_are_each_answered_once(one_thread):
                 calls[i] += 1
         return done
 
-    with ExitServer(model, ts, max_batch_size=256, max_wait_ms=1.0) as server:
+    with serve(model, ts, max_batch_size=256, max_wait_ms=1.0) as server:
         start = threading.Barrier(threads)
 
         def work(k):
@@ -276,7 +343,7 @@ def test_a_hundred_thousand_requests_are_each_answered_once(one_thread):
         assert all(f is not None for f in futures), "a submitting thread died"
         done, pending = cf.wait(futures, timeout=120)
         assert not pending, f"{len(pending)} requests never answered"
-        stats = server.stats()
+        stats = settled_stats(server, total)
     exits = torch.tensor([f.result(timeout=0).exit for f in futures])
     preds = torch.tensor([f.result(timeout=0).pred for f in futures])
     assert torch.equal(exits, want.exit) and torch.equal(preds, want.pred)
@@ -298,7 +365,7 @@ def test_submit_beyond_the_queue_bound_raises_overloaded_at_once():
     ts = split_thresholds(model, samples(256, seed=111))
     x = samples(40, seed=12)
     accepted, refused = [], 0
-    with ExitServer(model, ts, max_batch_size=2, max_queued=4, max_wait_ms=0.0) as server:
+    with serve(model, ts, max_batch_size=2, max_queued=4, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             accepted.append((0, server.submit(x[0])))
@@ -320,14 +387,14 @@ def test_submit_beyond_the_queue_bound_raises_overloaded_at_once():
         answers = results([f for _, f in accepted])
     rows = [i for i, _ in accepted]
     assert_rule(answers, model, x[rows], ts)
-    assert server.stats()["answered"] == len(accepted)
+    assert settled_stats(server, answered=len(accepted))["answered"] == len(accepted)
 
 
 def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
     model, gate = gated_model(seed=13)
     ts = split_thresholds(model, samples(256, seed=113))
     x = samples(6, seed=14)
-    with ExitServer(model, ts, max_batch_size=1, max_wait_ms=0.0) as server:
+    with serve(model, ts, max_batch_size=1, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             first = server.submit(x[0])
@@ -346,7 +413,8 @@ def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
         assert 0.15 <= elapsed < 10
         answers = results([first] + others)
     assert_rule(answers, model, torch.cat([x[:1], x[2:]]), ts)
-    assert server.stats()["answered"] == 5
+    # Whether a timeout also counts as failed is not pinned; the answers are.
+    assert settled_stats(server, answered=5)["answered"] == 5
 
 
 # --- bad samples ------------------------------------------------------------------------
@@ -361,7 +429,7 @@ def test_a_request_past_its_timeout_fails_alone_with_timeout_error():
 ], ids=["batch-dim", "wrong-size", "scalar", "int64", "float64"])
 def test_a_bad_sample_is_refused_at_submit_naming_x(bad, error):
     model = mlp(seed=15, dtype=torch.float32)
-    with ExitServer(model, [0.0, 0.0]) as server:
+    with serve(model, [0.0, 0.0]) as server:
         with pytest.raises(error, match=r"\bx\b"):
             server.submit(bad)
         stats = server.stats()
@@ -369,8 +437,8 @@ def test_a_bad_sample_is_refused_at_submit_naming_x(bad, error):
         # The refused sample never reached a batch: the next request runs alone.
         good = samples(1, seed=16, dtype=torch.float32)
         r = results([server.submit(good[0])])[0]
-        assert server.stats()["stage_rows"][0] == 1
-        assert server.stats()["failed"] == 0
+        stats = settled_stats(server, 1)
+        assert stats["stage_rows"][0] == 1 and stats["failed"] == 0
     w = per_sample_rule(model, good, [0.0, 0.0])[0]
     assert (r.exit, r.pred) == (w.exit, w.pred)
 
@@ -381,7 +449,7 @@ def test_a_bad_sample_to_predict_is_refused_naming_x():
     async def ask(server):
         return await server.predict(torch.zeros(1, 8))
 
-    with ExitServer(model, [0.5, 0.5]) as server:
+    with serve(model, [0.5, 0.5]) as server:
         with pytest.raises(ValueError, match=r"\bx\b"):
             asyncio.run(ask(server))
 
@@ -401,7 +469,7 @@ def test_a_failing_stage_fails_its_runs_requests_and_the_server_goes_on(rebatch)
     x = samples(40, seed=18)
     marked = samples(1, seed=19)
     marked[0, 0] = 1e6
-    with ExitServer(model, ts, max_batch_size=8, rebatch=rebatch) as server:
+    with serve(model, ts, max_batch_size=8, rebatch=rebatch) as server:
         bad = server.submit(marked[0])
         assert cf.wait([bad], timeout=WAIT).done == {bad}
         error = bad.exception(timeout=0)
@@ -420,7 +488,7 @@ def test_a_failing_stage_fails_its_runs_requests_and_the_server_goes_on(rebatch)
         assert_rule([futures[i].result(timeout=0) for i in ok], model, burst[ok], ts)
         # Later requests are served.
         later = results(submit_from_threads(server, x, threads=2))
-        stats = server.stats()
+        stats = settled_stats(server, 1 + len(futures) + len(x))
     assert_rule(later, model, x, ts)
     failed = 1 + len(futures) - len(ok)
     assert stats["failed"] == failed
@@ -443,7 +511,7 @@ def test_close_with_drain_answers_everything_queued():
         assert gate.entered.wait(WAIT)
         futures += [server.submit(row) for row in x[1:]]
         opener.start()  # close must wait for the held run, then answer the queue
-        server.close(drain=True)
+        close_within(server, drain=True)
     finally:
         opener.cancel()
         gate.open()
@@ -451,7 +519,7 @@ def test_close_with_drain_answers_everything_queued():
     assert_rule(results(futures), model, x, ts)
     with pytest.raises(RuntimeError, match="closed"):
         server.submit(x[0])
-    assert server.stats()["answered"] == 10
+    assert settled_stats(server, answered=10)["answered"] == 10
 
 
 def test_close_without_drain_fails_the_queued_requests():
@@ -466,7 +534,7 @@ def test_close_without_drain_fails_the_queued_requests():
         assert gate.entered.wait(WAIT)
         queued = [server.submit(row) for row in x[1:]]
         opener.start()
-        server.close(drain=False)
+        close_within(server, drain=False)
     finally:
         opener.cancel()
         gate.open()
@@ -481,7 +549,7 @@ def test_close_without_drain_fails_the_queued_requests():
         assert_rule([held.result(timeout=0)], model, x[:1], ts)
     else:
         assert "closed" in str(held.exception(timeout=0))
-    stats = server.stats()
+    stats = settled_stats(server, 10)
     assert stats["answered"] + stats["failed"] == 10
     assert stats["failed"] >= 9
     with pytest.raises(RuntimeError, match="closed"):
@@ -491,9 +559,20 @@ def test_close_without_drain_fails_the_queued_requests():
 def test_the_context_manager_drains_on_exit_and_then_refuses():
     model, ts = model_and_thresholds(seed=24)
     x = samples(50, seed=25)
-    with ExitServer(model, ts, max_batch_size=4) as server:
-        futures = [server.submit(row) for row in x]
-    assert all(f.done() for f in futures)
+    futures, used = [], []
+
+    def use():
+        with ExitServer(model, ts, max_batch_size=4) as server:
+            futures.extend(server.submit(row) for row in x)
+        used.append(server)
+
+    # On a helper thread: a __exit__ that never returns fails the test, not the suite.
+    t = threading.Thread(target=use, daemon=True)
+    t.start()
+    t.join(WAIT)
+    assert used, "the with block did not finish"
+    server = used[0]
+    assert all(f.done() for f in futures), "__exit__ returned with requests pending"
     assert_rule(results(futures), model, x, ts)
     with pytest.raises(RuntimeError, match="closed"):
         server.submit(x[0])
@@ -510,7 +589,7 @@ def test_predict_answers_as_submit_does():
         return await asyncio.wait_for(
             asyncio.gather(*(server.predict(row) for row in x)), WAIT)
 
-    with ExitServer(model, ts, max_batch_size=8) as server:
+    with serve(model, ts, max_batch_size=8) as server:
         by_predict = asyncio.run(ask_all(server))
         by_submit = results([server.submit(row) for row in x])
     assert_rule(by_predict, model, x, ts)
@@ -531,7 +610,7 @@ def test_predict_past_its_timeout_raises_timeout_error():
         assert task in done, "predict outlived its timeout while the stage was held"
         return task.exception()
 
-    with ExitServer(model, [0.0, 0.0], max_batch_size=1, max_wait_ms=0.0) as server:
+    with serve(model, [0.0, 0.0], max_batch_size=1, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             first = server.submit(x[0])
@@ -551,7 +630,7 @@ STATS_KEYS = {"stage_runs", "stage_rows", "exits", "queued", "answered", "failed
 
 def test_stats_before_any_request():
     model, ts = model_and_thresholds(seed=30)
-    with ExitServer(model, ts) as server:
+    with serve(model, ts) as server:
         stats = server.stats()
     assert set(stats) == STATS_KEYS
     for key in ("stage_runs", "stage_rows", "exits", "queued"):
@@ -565,9 +644,9 @@ def test_stats_count_the_rows_each_stage_ran_and_each_exit_answered(rebatch):
     model, ts = model_and_thresholds(seed=31)
     x = samples(200, seed=32)
     max_batch = 16
-    with ExitServer(model, ts, max_batch_size=max_batch, rebatch=rebatch) as server:
-        answers = results(submit_from_threads(server, x))
-        stats = server.stats()
+    with serve(model, ts, max_batch_size=max_batch, rebatch=rebatch) as server:
+        results(submit_from_threads(server, x))
+        stats = settled_stats(server, 200)
     assert set(stats) == STATS_KEYS
     want = per_sample_rule(model, x, ts)
     n = model.num_exits
@@ -591,18 +670,21 @@ def test_stats_show_the_rows_waiting_at_a_held_stage():
     model, gate = gated_model(seed=33, at=1)
     x = samples(12, seed=34)
     # Thresholds 0: nobody leaves early, so every sample queues for stage 1.
-    with ExitServer(model, [0.0, 0.0], max_batch_size=2, max_wait_ms=0.0) as server:
+    with serve(model, [0.0, 0.0], max_batch_size=2, max_wait_ms=0.0) as server:
         gate.shut()
         try:
             futures = [server.submit(x[0])]
             assert gate.entered.wait(WAIT)
             futures += [server.submit(row) for row in x[1:]]
             # Whether stage 0 runs on while stage 1 is held is the server's choice; wait
-            # until every row not in the held run waits somewhere.
+            # until no stage-0 run is under way and every row not in the held run waits.
             deadline = time.monotonic() + WAIT
-            while sum(server.stats()["queued"]) < 10 and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                stats = server.stats()
+                if (sum(stats["queued"]) >= 10
+                        and stats["stage_rows"][0] + stats["queued"][0] == 12):
+                    break
                 time.sleep(0.01)
-            stats = server.stats()
         finally:
             gate.open()
         answers = results(futures)
