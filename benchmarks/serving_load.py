@@ -184,12 +184,17 @@ def saturate(model, thresholds, config: str, pool: torch.Tensor, n: int, *, max_
             futs.append(server.submit(x))
         t_sub = time.perf_counter()
         answers = [f.result(timeout=300) for f in futs]
-        t_last = max(t_call[i] + a.latency_s for i, a in enumerate(answers))
+        done_at = t_call + np.array([a.latency_s for a in answers])
+        t_last = float(done_at.max())
         delta = _stats_delta(server.stats(), before)
     finally:
         server.close()
+    # The served rate once the submitting thread is done: if it is well above the whole
+    # run's, the submitter (its share of the GIL and of the 2 cores) slows the worker.
+    after = int((done_at > t_sub).sum())
     return {"n": n, "rps": n / (t_last - t0), "submit_rps": n / (t_sub - t0),
-            "submit_share": (t_sub - t0) / (t_last - t0), "stats": delta}
+            "submit_share": (t_sub - t0) / (t_last - t0),
+            "rps_after_submit": after / (t_last - t_sub) if t_last > t_sub else None, "stats": delta}
 
 
 # --- open-loop Poisson arrivals -------------------------------------------------------------
@@ -267,23 +272,46 @@ def open_loop(model, thresholds, config: str, pool: torch.Tensor, rate: float, *
         "achieved_rps": answered / span if answered else 0.0,
         "p50_s": _pct(lat, 50), "p99_s": _pct(lat, 99),
         "server_p50_s": _pct(lat_server, 50), "server_p99_s": _pct(lat_server, 99),
-        "submit_lag_p99_s": _pct(lag, 99), "p50_s_per_exit": per_exit,
+        "submit_lag_p99_s": _pct(lag, 99), "submit_lag_max_s": max(lag) if lag else None,
+        "p50_s_per_exit": per_exit,
         "deep_mean_rows": delta["deep_mean_rows"], "stats": delta,
     }
+
+
+def median_point(points: list) -> dict:
+    """One open-loop point from its repeats: the median of every measure, counts summed;
+    the repeats themselves under ``repeats``."""
+    def med(key):
+        v = [p[key] for p in points if p[key] is not None]
+        return float(np.median(v)) if v else None
+
+    out = {k: points[0][k] for k in ("config", "offered_rps")}
+    for k in ("achieved_rps", "p50_s", "p99_s", "server_p50_s", "server_p99_s", "submit_lag_p99_s",
+              "deep_mean_rows"):
+        out[k] = med(k)
+    out["submit_lag_max_s"] = max((p["submit_lag_max_s"] or 0.0) for p in points)
+    for k in ("requests", "answered", "refused", "unanswered"):
+        out[k] = sum(p[k] for p in points)
+    exits = sorted({e for p in points for e in p["p50_s_per_exit"]})
+    out["p50_s_per_exit"] = {e: float(np.median([p["p50_s_per_exit"][e] for p in points
+                                                 if e in p["p50_s_per_exit"]])) for e in exits}
+    out["repeats"] = points
+    return out
 
 
 # --- the whole measurement of one model -----------------------------------------------------
 
 def measure(model, thresholds, pool: torch.Tensor, *, max_batch_size: int = 256, max_wait_ms: float = 2.0,
             max_queued: int = 4096, saturation_batches: int = 20, saturation_repeats: int = 3,
-            loads=LOADS, max_requests: int = 2000, max_seconds: float = 8.0, seed: int = 0,
-            bare_rounds: int = 15, log=print) -> dict:
+            loads=LOADS, max_requests: int = 20_000, max_seconds: float = 2.0, point_repeats: int = 3,
+            seed: int = 0, bare_rounds: int = 15, log=print) -> dict:
     """Saturation, bare timings and the open-loop tables for one model; a dict (JSON-able)."""
     kw = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queued=max_queued)
     warm = 2 * max_batch_size
     out = {"settings": dict(kw, saturation_requests=saturation_batches * max_batch_size,
                             saturation_repeats=saturation_repeats, loads=list(loads),
-                            max_requests=max_requests, max_seconds=max_seconds, seed=seed)}
+                            max_requests=max_requests, max_seconds=max_seconds,
+                            point_repeats=point_repeats, seed=seed)}
     out["bare"] = bare_times(model, thresholds, pool, max_batch_size, bare_rounds)
     log(f"  bare at B={max_batch_size}: engine {out['bare']['engine_rps']:.0f}/s, "
         f"backbone {out['bare']['backbone_rps']:.0f}/s")
@@ -300,6 +328,14 @@ def measure(model, thresholds, pool: torch.Tensor, *, max_batch_size: int = 256,
     out["saturated"] = sat
     own, shared = {}, {}
     ref = sat["backbone"]["rps"]
+
+    def point(c, rate, s):
+        # Repeats with their own seeds; a stall of the shared machine (tens of ms) then
+        # moves one repeat's p99, not the median.
+        return median_point([open_loop(model, thresholds, c, pool, rate, max_requests=max_requests,
+                                       max_seconds=max_seconds, seed=s + 10_000 * i, warm=warm, **kw)
+                             for i in range(point_repeats)])
+
     for k, c in enumerate(CONFIGS):
         own[c] = []
         shared[c] = []
@@ -308,14 +344,12 @@ def measure(model, thresholds, pool: torch.Tensor, *, max_batch_size: int = 256,
             # load), so their achieved rates differ only by how they serve them.
             s_shared = seed + 500 + j
             s = s_shared if c == "backbone" else seed + 1000 * (k + 1) + j
-            p = open_loop(model, thresholds, c, pool, f * sat[c]["rps"], max_requests=max_requests,
-                          max_seconds=max_seconds, seed=s, warm=warm, **kw)
+            p = point(c, f * sat[c]["rps"], s)
             own[c].append(dict(p, load=f))
             if c == "backbone":  # its own rates are the shared ones: one run serves both tables
                 shared[c].append(dict(p, load=f))
             else:
-                q = open_loop(model, thresholds, c, pool, f * ref, max_requests=max_requests,
-                              max_seconds=max_seconds, seed=s_shared, warm=warm, **kw)
+                q = point(c, f * ref, s_shared)
                 shared[c].append(dict(q, load=f))
             log(f"  {c} at {f:.0%}: own {p['achieved_rps']:.0f}/s p50 {p['p50_s'] * 1e3:.2f} ms; "
                 f"shared {shared[c][-1]['achieved_rps']:.0f}/s p50 {shared[c][-1]['p50_s'] * 1e3:.2f} ms")
@@ -401,13 +435,14 @@ def _rows(v):
 
 def _table(points) -> list:
     lines = ["| config | load | offered /s | achieved /s | p50 ms | p99 ms | p50 ms per exit | "
-             "deep stage rows/run | refused | unanswered |", "|" + " --- |" * 10]
+             "deep stage rows/run | refused | unanswered | submit lag p99 / max ms |", "|" + " --- |" * 11]
     for c, pts in points.items():
         for p in pts:
             per = ", ".join(f"{e}: {_ms(v)}" for e, v in sorted(p["p50_s_per_exit"].items(), key=lambda t: int(t[0])))
             lines.append(f"| {c} | {p['load']:.0%} | {p['offered_rps']:.0f} | {p['achieved_rps']:.0f} | "
                          f"{_ms(p['p50_s'])} | {_ms(p['p99_s'])} | {per} | {_rows(p['deep_mean_rows'])} | "
-                         f"{p['refused']} | {p['unanswered']} |")
+                         f"{p['refused']} | {p['unanswered']} | {_ms(p['submit_lag_p99_s'])} / "
+                         f"{_ms(p['submit_lag_max_s'])} |")
     return lines
 
 
@@ -466,18 +501,25 @@ def report(results: dict) -> str:
                   f"{', '.join(f'{t:.4g}' for t in r['thresholds'])}. max_batch_size {s['max_batch_size']}, "
                   f"max_wait_ms {s['max_wait_ms']}, max_queued {s['max_queued']}; saturation N = "
                   f"{s['saturation_requests']} x {s['saturation_repeats']} repeats; open loop at most "
-                  f"{s['max_requests']} requests or {s['max_seconds']} s per point.", "",
+                  f"{s['max_requests']} requests or {s['max_seconds']} s per run, {s['point_repeats']} runs "
+                  "per point (each cell the median over the runs; requests, refusals and unanswered "
+                  "summed over them).", "",
                   "### Targets", ""]
         lines += [_fmt_target(k, t) for k, t in r["targets"].items()]
         lines += ["", "### Saturated throughput and the bare engine", "",
-                  "| config | requests/s (repeats) | submit rate during the run /s | submit time / run time | "
-                  "deep stage rows/run | runs per stage |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| config | requests/s (repeats) | bare rate /s | server cost us/request | submit rate "
+                  "during the run /s | submit time / run time | requests/s after the last submit | "
+                  "deep stage rows/run | runs per stage |", "|" + " --- |" * 9]
         for c in CONFIGS:
             x = sat[c]
-            lines.append(f"| {c} | {x['rps']:.0f} ({', '.join(f'{v:.0f}' for v in x['rps_runs'])}) | "
-                         f"{x['submit_rps']:.0f} | {x['submit_share']:.2f} | {_rows(x['stats']['deep_mean_rows'])} | "
-                         f"{x['stats']['stage_runs']} |")
-        lines += ["", f"One thread submits {r['submit_rps_alone']:.0f} requests/s alone (into a server whose "
+            b = bare["backbone_rps"] if c == "backbone" else bare["engine_rps"]
+            after = "-" if x["rps_after_submit"] is None else f"{x['rps_after_submit']:.0f}"
+            lines.append(f"| {c} | {x['rps']:.0f} ({', '.join(f'{v:.0f}' for v in x['rps_runs'])}) | {b:.0f} | "
+                         f"{(1 / x['rps'] - 1 / b) * 1e6:.1f} | {x['submit_rps']:.0f} | {x['submit_share']:.2f} | "
+                         f"{after} | {_rows(x['stats']['deep_mean_rows'])} | {x['stats']['stage_runs']} |")
+        lines += ["", "Server cost per request = 1 / (server requests/s) - 1 / (bare requests/s): what "
+                  "serving adds to each request's share of the compute (submit, queueing, answering).", "",
+                  f"One thread submits {r['submit_rps_alone']:.0f} requests/s alone (into a server whose "
                   "worker only waits).", "",
                   f"Bare, no server, B = {bare['batch']}: engine {bare['engine_s_per_sample'] * 1e6:.1f} us/sample "
                   f"({bare['engine_rps']:.0f}/s), backbone {bare['backbone_s_per_sample'] * 1e6:.1f} us/sample "
@@ -540,18 +582,20 @@ def main(argv=None) -> None:
     ap.add_argument("--max-queued", type=int, default=4096)
     ap.add_argument("--saturation-batches", type=int, default=20, help="N = this x max_batch_size")
     ap.add_argument("--repeats", type=int, default=3, help="saturated runs per configuration")
-    ap.add_argument("--max-requests", type=int, default=2000, help="per open-loop point")
-    ap.add_argument("--max-seconds", type=float, default=8.0, help="per open-loop point")
+    ap.add_argument("--max-requests", type=int, default=20_000, help="per open-loop run")
+    ap.add_argument("--max-seconds", type=float, default=2.0, help="per open-loop run")
+    ap.add_argument("--point-repeats", type=int, default=3, help="open-loop runs per point (medians)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kw = dict(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queued=args.max_queued,
               saturation_batches=args.saturation_batches, saturation_repeats=args.repeats,
-              max_requests=args.max_requests, max_seconds=args.max_seconds, seed=args.seed)
+              max_requests=args.max_requests, max_seconds=args.max_seconds,
+              point_repeats=args.point_repeats, seed=args.seed)
     if args.quick:
         kw.update(max_batch_size=32, saturation_batches=4, saturation_repeats=1, max_requests=150,
-                  max_seconds=1.0, bare_rounds=2)
+                  max_seconds=1.0, point_repeats=1, bare_rounds=2)
     names = ["b_lenet"] + (["b_resnet110"] if args.full else [])
     results = {"loadavg_before": _loadavg(), "models": {}}
     t0 = time.perf_counter()
