@@ -488,7 +488,8 @@ def _fmt_target(key, t) -> str:
     if v is None:
         return f"- {t['what']}: no value ({verdict})"
     if key == "latency_60":
-        margin = f"{v:.2f}x (goal <= {t['goal']}x; {t['rebatch_p50_s'] * 1e3:.2f} ms against {t['backbone_p50_s'] * 1e3:.2f} ms)"
+        margin = (f"{v:.2f}x (goal <= {t['goal']}x; {t['rebatch_p50_s'] * 1e3:.2f} ms against "
+                  f"{t['backbone_p50_s'] * 1e3:.2f} ms)")
     elif key == "gain_kept":
         margin = (f"{v:.1%} kept (server {t['server_gain']:.3f}x over the backbone, engine {t['engine_gain']:.3f}x; "
                   f"of the excess gain (x - 1) {t['excess_gain_kept']:.1%}; goal >= 90 %)")
