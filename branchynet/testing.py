@@ -516,6 +516,34 @@ def compare_bound(step, logits: torch.Tensor, criterion: int, threshold: float) 
     return None
 
 
+# --- models ----------------------------------------------------------------------------
+
+
+def random_mlp(seed: int = 0, num_exits: int = 3, width: int = 12, classes: int = 6,
+               dtype: torch.dtype = torch.float32, stages=None):
+    """A small MLP BranchyNet, [B, width] -> N x [B, classes], weights drawn N(0, 1.5^2)
+    from ``seed`` (large enough that scores spread over every exit), in eval mode.
+
+    ``stages``: N entries replacing the generated stage modules (a slowed or failing
+    stage in a test); None entries keep theirs. The other weights are the same either way.
+    """
+    from torch import nn
+
+    from .models.branchynet import BranchyNet
+
+    g = torch.Generator().manual_seed(seed)
+    made = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(num_exits)]
+    branches = [nn.Linear(width, classes) for _ in range(num_exits)]
+    with torch.no_grad():
+        for m in made + branches:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5)
+    if stages is not None:
+        made = [s if s is not None else m for s, m in zip(stages, made)]
+    model = BranchyNet(made, branches, input_shape=(width,), num_classes=classes)
+    return model.to(dtype).eval()
+
+
 # --- the paper's rule, one sample at a time --------------------------------------------
 
 

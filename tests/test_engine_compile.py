@@ -13,22 +13,14 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-import branchynet as bn
-from branchynet import EarlyExitEngine, entropy
+from branchynet import EarlyExitEngine, entropy, testing
 from branchynet.ops import available_backends
 
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 
 
 def mlp(seed=0, num_exits=3, width=12, classes=6, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    stages = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(num_exits)]
-    branches = [nn.Linear(width, classes) for _ in range(num_exits)]
-    model = bn.BranchyNet(stages, branches, input_shape=(width,), num_classes=classes)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 1.5)
-    return model.to(dtype).eval()
+    return testing.random_mlp(seed, num_exits, width, classes, dtype)
 
 
 def batches(n, b, width=12, seed=0):

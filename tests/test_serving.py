@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import branchynet as bn
+from branchynet import testing
 from branchynet.exits import exit_scores
 from branchynet.testing import per_sample_rule, split_thresholds
 
@@ -39,17 +40,7 @@ WAIT = 20.0  # seconds any single answer may take before the test calls it lost
 def mlp(seed=0, num_exits=3, width=8, classes=5, dtype=torch.float64, stages=None):
     """A random MLP BranchyNet; ``stages`` replaces the generated stage modules (a gate,
     a failing stage) while keeping the random weights of the rest."""
-    g = torch.Generator().manual_seed(seed)
-    made = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(num_exits)]
-    branches = [nn.Linear(width, classes) for _ in range(num_exits)]
-    with torch.no_grad():
-        for m in made + branches:
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5)
-    if stages is not None:
-        made = [s if s is not None else m for s, m in zip(stages, made)]
-    model = bn.BranchyNet(made, branches, input_shape=(width,), num_classes=classes)
-    return model.to(dtype).eval()
+    return testing.random_mlp(seed, num_exits, width, classes, dtype, stages=stages)
 
 
 def samples(n, width=8, seed=1, dtype=torch.float64):

@@ -7,23 +7,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-import branchynet as bn
+from branchynet import testing
 from branchynet.latency import LatencyProfile, measure_latency
 from branchynet.serving import (ExitServer, SimResult, poisson_arrivals, simulate,
                                 stage_time_from_profile, stage_time_from_table)
 
 
 def mlp(seed=0, num_exits=3, width=12, classes=6):
-    g = torch.Generator().manual_seed(seed)
-    stages = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(num_exits)]
-    branches = [nn.Linear(width, classes) for _ in range(num_exits)]
-    model = bn.BranchyNet(stages, branches, input_shape=(width,), num_classes=classes)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 1.5)
-    return model.eval()
+    return testing.random_mlp(seed, num_exits, width, classes)
 
 
 def costs(table):
