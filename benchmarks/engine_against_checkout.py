@@ -64,18 +64,8 @@ def child(root: str, compile_: bool) -> dict:
 
     xs = [pool[i:i + 1] for i in range(32)]
     assert all(eng(x).counts[0] == 1 for x in xs)
-    ratios, t_eng = [], []
-    for _ in range(301):
-        t0 = time.perf_counter()
-        for x in xs:
-            eng(x)
-        t1 = time.perf_counter()
-        for x in xs:
-            by_hand(x)
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-        t_eng.append((t1 - t0) / len(xs))
-    out["fixed_ratio"] = statistics.median(ratios)
+    t_eng, t_hand = P.interleaved_times(eng, by_hand, xs, 301)
+    out["fixed_ratio"] = statistics.median(a / b for a, b in zip(t_eng, t_hand))
     out["fixed_engine_us"] = statistics.median(t_eng) * 1e6
     # The paper's profile, eager and (optionally) compiled.
     fr = P.profile_fractions("b_lenet", "paper", model.num_exits)

@@ -376,6 +376,27 @@ class BatchCycler:
 
 # --- timing rounds ----------------------------------------------------------------------
 
+def interleaved_times(fa, fb, inputs, rounds: int) -> tuple:
+    """Per round, the mean seconds per call of ``fa`` and then of ``fb`` over ``inputs``:
+    the two alternate round by round, so a load that drifts hits both alike.
+
+    Returns:
+        ``(times_a, times_b)``, lists of ``rounds`` floats.
+    """
+    ta, tb = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for x in inputs:
+            fa(x)
+        t1 = time.perf_counter()
+        for x in inputs:
+            fb(x)
+        t2 = time.perf_counter()
+        ta.append((t1 - t0) / len(inputs))
+        tb.append((t2 - t1) / len(inputs))
+    return ta, tb
+
+
 def choose_rounds(t_round: float, target_s: float, *, min_rounds: int, max_rounds: int,
                   cycle: int | None = None) -> int:
     """Rounds to time: ``target_s / t_round`` clamped to [min_rounds, max_rounds]; when

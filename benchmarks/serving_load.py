@@ -138,18 +138,8 @@ def bare_times(model, thresholds, pool: torch.Tensor, batch: int, rounds: int = 
     for x in xs:  # warm both
         eng(x)
         backbone(x)
-    t_eng, t_bb = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for x in xs:
-            eng(x)
-        t1 = time.perf_counter()
-        for x in xs:
-            backbone(x)
-        t2 = time.perf_counter()
-        t_eng.append((t1 - t0) / (len(xs) * batch))
-        t_bb.append((t2 - t1) / (len(xs) * batch))
-    e, b = statistics.median(t_eng), statistics.median(t_bb)
+    t_eng, t_bb = P.interleaved_times(eng, backbone, xs, rounds)
+    e, b = statistics.median(t_eng) / batch, statistics.median(t_bb) / batch
     return {"batch": batch, "engine_s_per_sample": e, "backbone_s_per_sample": b,
             "engine_rps": 1 / e, "backbone_rps": 1 / b, "engine_gain": b / e}
 
