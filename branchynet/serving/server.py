@@ -141,8 +141,7 @@ class ExitServer:
         self._dtype = p.dtype if p is not None and p.is_floating_point() else None
         self._shape = net.input_shape  # None: taken from the first sample
         self._n = net.num_exits
-        self._max_batch, self._max_wait, self._rebatch = max_batch_size, max_wait_ms / 1e3, rebatch
-        self._max_queued = max_queued
+        self._rebatch, self._max_queued = rebatch, max_queued
         self._compiled = bool(compile)
         self._spec = None  # (C, logits dtype) for compiled stages, from the first stage-1 run
         self._sched = Scheduler(self._n, max_batch_size, max_wait_ms / 1e3)
