@@ -11,7 +11,9 @@ from setuptools import find_packages, setup
 
 # Triton is in the test extra because its kernels are tested on the CPU too, under
 # TRITON_INTERPRET=1; its wheels exist for Linux only.
-TRITON = ["triton>=3.0; platform_system == 'Linux'"]
+# 3.8 and 3.9 (the Triton of torch 2.14.1 and of 2.13) are the releases whose compiled
+# kernels were checked free of spills (docs/backends.md, "Supported versions").
+TRITON = ["triton>=3.8; platform_system == 'Linux'"]
 TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
 
@@ -161,7 +163,8 @@ setup(
     package_dir={"branchynet.kernels": "kernels", "branchynet.csrc": "csrc"},
     package_data={"branchynet.csrc": ["*.cpp", "*.h"], "branchynet.csrc.cuda": ["*.cu", "*.cuh"]},
     # ninja: torch.utils.cpp_extension.load needs it for the just-in-time build.
-    install_requires=["torch>=2.1", "numpy>=1.21", "ninja"],
+    # torch: the oldest release the suite runs on in CI (docs/backends.md, "Supported versions").
+    install_requires=["torch>=2.13", "numpy>=1.21", "ninja"],
     extras_require={
         "demo": DEMO,
         "triton": TRITON,

@@ -273,6 +273,18 @@ def count_gather_variants(n: int, ms=range(1, 4097)) -> int:
     return len(keys)
 
 
+def versions() -> dict:
+    """What compiled the report: Triton, its ptxas, torch, the target."""
+    import torch
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(ARCH)
+    return {"triton": triton.__version__, "ptxas": str(getattr(ptxas, "version", "?")),
+            "torch": torch.__version__, "target": f"sm_{ARCH}a",
+            "checked_triton": _tk().triton_checked()}
+
+
 def run(full: bool = False) -> dict:
     """Compile the grid and count the variants; the report as a dict."""
     cache = _load_cache()
@@ -290,7 +302,7 @@ def run(full: bool = False) -> dict:
             n, _ = count_variants(c, "fp32", crit, False, range(1, 4097) if c <= 1000 else range(1, 300))
             variants[f"C={c} criterion={crit}"] = n
     _, grids = count_variants(10, ks=[4097])
-    return {"compiled": compiled, "exit_step_variants_k1_4096": variants,
+    return {"versions": versions(), "compiled": compiled, "exit_step_variants_k1_4096": variants,
             "gather_variants_m1_4096": {str(n): count_gather_variants(n) for n in (1, 100, 5000)},
             "programs_k4097_c10": grids[0][0]}
 
@@ -312,7 +324,9 @@ def main(argv=None) -> int:
     print("exit_step variants over K = 1..4096:", rep["exit_step_variants_k1_4096"])
     print("gather variants over M = 1..4096:", rep["gather_variants_m1_4096"])
     print("programs for K = 4097, C = 10:", rep["programs_k4097_c10"])
-    print(f"{len(rep['compiled'])} configurations compiled for sm_{ARCH}, {len(bad)} spill")
+    v = rep["versions"]
+    print(f"{len(rep['compiled'])} configurations compiled for {v['target']} by Triton {v['triton']} "
+          f"(ptxas {v['ptxas']}, torch {v['torch']}), {len(bad)} spill")
     return 1 if bad else 0
 
 

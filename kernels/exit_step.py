@@ -53,7 +53,22 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["exit_step_triton", "gather_rows_triton", "MAX_TILE_C", "CHUNK_C", "TILE_ELEMS"]
+__all__ = ["exit_step_triton", "gather_rows_triton", "MAX_TILE_C", "CHUNK_C", "TILE_ELEMS",
+           "CHECKED_TRITON", "triton_checked"]
+
+#: Triton releases (major.minor) whose sm_90 compilation of every configuration the
+#: dispatcher can pick was checked free of spills (``python -m branchynet.kernels.aot
+#: --full``; reports in benchmarks/results/aot-sm90/): 3.8 comes with torch 2.14.1, 3.9
+#: with torch 2.13. One set of tile sizes and warps serves both, so nothing is picked by
+#: version. Outside these the kernels still compile and are checked against the
+#: reference on first use, but their registers and spills are unmeasured.
+CHECKED_TRITON = ("3.8", "3.9")
+
+
+def triton_checked(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed Triton) is one of :data:`CHECKED_TRITON`."""
+    version = triton.__version__ if version is None else version
+    return ".".join(version.split("+")[0].split(".")[:2]) in CHECKED_TRITON
 
 #: Widest row held as one register tile; wider rows take the chunked kernel. A 16K-wide
 #: tile would need 64 warps at ``ELEMS_PER_THREAD`` (32 is the most a program has).

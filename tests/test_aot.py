@@ -31,6 +31,14 @@ def _ptxas_present() -> bool:
 pytestmark = pytest.mark.skipif(not _ptxas_present(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 
 
+def _checked_triton() -> bool:
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", "from branchynet.kernels import exit_step as k; "
+                           "print(int(k.triton_checked()))"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc.stdout.strip().endswith("1")
+
+
 @pytest.fixture(scope="module")
 def report():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
@@ -41,10 +49,24 @@ def report():
 
 
 def test_every_compiled_configuration_is_free_of_spills(report):
+    # Registers and spills are a property of one Triton release's compiler: on a release the
+    # kernels were not tuned for, the check is informative (the report says which version
+    # compiled it), not a failure of the user's install.
+    if not report["versions"]["checked_triton"]:
+        pytest.skip(f"Triton {report['versions']['triton']} is not among the checked releases; "
+                    "run `python -m branchynet.kernels.aot --full` to see its spills")
     spilled = [r for r in report["compiled"] if r["spill_stores"] or r["spill_loads"]]
     assert report["compiled"] and not spilled, spilled
     # 255 is the cap: a kernel there is one temporary away from spilling.
     assert max(r["registers"] for r in report["compiled"]) < 255
+
+
+def test_report_names_the_compiler(report):
+    import triton
+
+    v = report["versions"]
+    assert v["triton"] == triton.__version__ and v["target"] == "sm_90a"
+    assert v["checked_triton"] == _checked_triton()
 
 
 def test_grid_covers_every_width_the_dispatcher_picks(report):

@@ -104,3 +104,24 @@ def test_a_wrong_direct_entry_fails_the_check_and_the_engine_falls_back(monkeypa
     eng = EarlyExitEngine(model, [0.5], backend="auto")
     with pytest.warns(RuntimeWarning, match=r"'cpp'.*the bound op \(the engine's\).*pred differs"):
         assert eng.backend_for("cpu") == "torch"
+
+
+def test_unchecked_triton_release_warns_once_when_its_kernels_go_to_a_gpu(monkeypatch):
+    pytest.importorskip("triton")
+    from branchynet.kernels import exit_step as tk
+    from branchynet.ops import _backends
+
+    assert tk.triton_checked("3.8.0") and tk.triton_checked("3.9.1+git1234")
+    assert not tk.triton_checked("3.10.0") and not tk.triton_checked("3.7.1")
+    monkeypatch.setattr(_backends, "TRITON", tk)
+    monkeypatch.setattr(tk, "triton_checked", lambda version=None: False)
+    monkeypatch.setattr(_backends, "_TRITON_WARNED", False)
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="outside the versions"):
+        assert _backends._note_unchecked_triton("triton", cuda) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _backends._note_unchecked_triton("triton", cuda)  # once per process
+        monkeypatch.setattr(_backends, "_TRITON_WARNED", False)
+        _backends._note_unchecked_triton("cpp", torch.device("cpu"))  # other backends: silent
+        _backends._note_unchecked_triton("triton", torch.device("cpu"))  # the interpreter: silent

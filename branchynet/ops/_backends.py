@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -114,7 +115,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             if b == "triton" and dev.type != "cuda":
                 continue
             if _verify.passes(b, dev):  # first use on this device: checked against torch
-                return b
+                return _note_unchecked_triton(b, dev)
         return "torch"  # pragma: no cover - torch is always available
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -127,6 +128,26 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         raise RuntimeError(f"backend={backend!r} is not available on device {dev}: {why}")
     if not _verify.passes(backend, dev):  # warned once; the next backend that passes
         return resolve_backend("auto", dev)
+    return _note_unchecked_triton(backend, dev)
+
+
+_TRITON_WARNED = False
+
+
+def _note_unchecked_triton(backend: str, dev: torch.device) -> str:
+    """One warning per process when the Triton kernels go to a GPU under a Triton whose
+    compiled kernels were never checked for spills: they are correct (checked against
+    the reference on first use) but their speed is unmeasured."""
+    global _TRITON_WARNED
+    if backend == "triton" and dev.type == "cuda" and not TRITON.triton_checked() and not _TRITON_WARNED:
+        _TRITON_WARNED = True
+        import triton
+
+        warnings.warn(
+            f"Triton {triton.__version__} is outside the versions branchynet's kernels were checked "
+            f"with ({', '.join(TRITON.CHECKED_TRITON)}): the answers are checked against the reference, "
+            "but registers and spills are not; `TRITON_INTERPRET=0 python -m branchynet.kernels.aot` "
+            "compiles them for sm_90 and reports spills", RuntimeWarning, stacklevel=3)
     return backend
 
 
@@ -216,6 +237,15 @@ def bound(backend: str, device: torch.device) -> ExitOp:
     return ExitOp(backend, step, gather, traceable)
 
 
+def _triton_status() -> str:
+    if TRITON is None:
+        return f"not available ({TRITON_ERROR})"
+    import triton
+
+    checked = "checked" if TRITON.triton_checked() else "NOT among the checked " + "/".join(TRITON.CHECKED_TRITON)
+    return f"available (Triton {triton.__version__}, {checked})"
+
+
 def status() -> dict:
     """What is built and importable, for ``branchynet info``."""
     ensure_extension()
@@ -223,7 +253,7 @@ def status() -> dict:
         "extension": "loaded" if EXT is not None else f"not available ({EXT_ERROR})",
         "extension_cuda": ext_has_cuda(),
         "extension_cpu": EXT is not None,
-        "triton_kernels": "available" if TRITON is not None else f"not available ({TRITON_ERROR})",
+        "triton_kernels": _triton_status(),
         "auto_cpu": resolve_backend("auto", "cpu"),
         "auto_cuda": resolve_backend("auto", "cuda") if torch.cuda.is_available() else None,
     }
