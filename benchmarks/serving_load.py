@@ -114,15 +114,15 @@ def paper_case(model_name: str, pool_size: int = 1024) -> dict:
 
 
 def make_server(model, thresholds, config: str, max_batch_size: int, max_wait_ms: float,
-                max_queued: int) -> ExitServer:
+                max_queued: int, record: bool = False) -> ExitServer:
     """The ExitServer of one configuration (``CONFIGS``)."""
     if config == "backbone":
         return ExitServer(model.backbone_only(), max_batch_size=max_batch_size,
-                          max_wait_ms=max_wait_ms, max_queued=max_queued)
+                          max_wait_ms=max_wait_ms, max_queued=max_queued, record=record)
     if config not in ("per_batch", "rebatch"):
         raise ValueError(f"unknown configuration {config!r}; known: {CONFIGS}")
     return ExitServer(model, thresholds, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                      rebatch=config == "rebatch", max_queued=max_queued)
+                      rebatch=config == "rebatch", max_queued=max_queued, record=record)
 
 
 # --- bare engine and backbone, no server ----------------------------------------------------
@@ -185,13 +185,15 @@ def saturate(model, thresholds, config: str, pool: torch.Tensor, n: int, **kw) -
 
 
 def _saturate(model, thresholds, config: str, pool: torch.Tensor, n: int, *, max_batch_size: int,
-              max_wait_ms: float, max_queued: int, warm: int) -> dict:
+              max_wait_ms: float, max_queued: int, warm: int, record: bool = False) -> dict:
     """One saturated run: n requests as fast as one thread submits them.
 
     ``max_queued`` is raised to n so no request is refused (a refusal would leave N /
     time meaningless); the backlog's latency is not a serving latency and is not reported.
+    ``record``: the server's record (:meth:`ExitServer.record`) under ``"record"``, its
+    first ``warm`` arrivals the warm-up's.
     """
-    server = make_server(model, thresholds, config, max_batch_size, max_wait_ms, max(max_queued, n))
+    server = make_server(model, thresholds, config, max_batch_size, max_wait_ms, max(max_queued, n), record)
     try:
         _warm(server, pool, warm)
         before = server.stats()
@@ -207,6 +209,7 @@ def _saturate(model, thresholds, config: str, pool: torch.Tensor, n: int, *, max
         done_at = t_call + np.array([a.latency_s for a in answers])
         t_last = float(done_at.max())
         delta = _stats_delta(server.stats(), before)
+        rec = server.record() if record else None
     finally:
         server.close()
     # The served rate once the submitting thread is done: if it is well above the whole
@@ -214,7 +217,8 @@ def _saturate(model, thresholds, config: str, pool: torch.Tensor, n: int, *, max
     after = int((done_at > t_sub).sum())
     return {"n": n, "rps": n / (t_last - t0), "submit_rps": n / (t_sub - t0),
             "submit_share": (t_sub - t0) / (t_last - t0),
-            "rps_after_submit": after / (t_last - t_sub) if t_last > t_sub else None, "stats": delta}
+            "rps_after_submit": after / (t_last - t_sub) if t_last > t_sub else None, "stats": delta,
+            "record": rec}
 
 
 # --- open-loop Poisson arrivals -------------------------------------------------------------
@@ -239,12 +243,13 @@ def open_loop(model, thresholds, config: str, pool: torch.Tensor, rate: float, *
 
 def _open_loop(model, thresholds, config: str, pool: torch.Tensor, rate: float, *, max_requests: int,
                max_seconds: float, seed: int, max_batch_size: int, max_wait_ms: float,
-               max_queued: int, warm: int) -> dict:
+               max_queued: int, warm: int, record: bool = False) -> dict:
     """One open-loop point: Poisson arrivals at ``rate`` from a submitting thread that
-    sleeps until each arrival time; latency counted from the scheduled arrival."""
+    sleeps until each arrival time; latency counted from the scheduled arrival (and, as
+    ``server_*``, from the submit). ``record``: as for :func:`saturate`."""
     arrivals = poisson_arrivals(rate, max_requests, max_seconds, seed)
     m = len(arrivals)
-    server = make_server(model, thresholds, config, max_batch_size, max_wait_ms, max_queued)
+    server = make_server(model, thresholds, config, max_batch_size, max_wait_ms, max_queued, record)
     futs = [None] * m
     t_call = np.zeros(m)
     refused = [0]
@@ -275,6 +280,7 @@ def _open_loop(model, thresholds, config: str, pool: torch.Tensor, rate: float, 
                 except Exception:  # counted as unanswered below
                     pass
         delta = _stats_delta(server.stats(), before)
+        rec = server.record() if record else None
     finally:
         server.close()
     lat, lat_server, lag, done_at, exits = [], [], [], [], []
@@ -300,7 +306,7 @@ def _open_loop(model, thresholds, config: str, pool: torch.Tensor, rate: float, 
         "server_p50_s": _pct(lat_server, 50), "server_p99_s": _pct(lat_server, 99),
         "submit_lag_p99_s": _pct(lag, 99), "submit_lag_max_s": max(lag) if lag else None,
         "p50_s_per_exit": per_exit,
-        "deep_mean_rows": delta["deep_mean_rows"], "stats": delta,
+        "deep_mean_rows": delta["deep_mean_rows"], "stats": delta, "record": rec,
     }
 
 

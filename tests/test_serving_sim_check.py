@@ -10,9 +10,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import serving_sim_check as C  # noqa: E402
 
 
-def test_the_servers_own_cost_per_row_is_measured_and_small():
-    c = C.server_cost_per_row(batch=16, n=512)
-    assert 0 < c < 0.01
+def test_the_servers_own_cost_of_a_run_is_measured_and_grows_with_the_rows():
+    cost = C.server_overhead(batch=16, n=512)
+    assert 0 < cost(1) < 0.01
+    assert cost(16) > cost(1)  # answering each row is work of the worker's
+
+
+def test_timer_lag_is_a_small_non_negative_number():
+    assert 0 <= C.timer_lag(0.001, repeats=20) < 0.05
 
 
 def test_predict_cycles_the_pools_exits_and_knows_per_batch_from_rebatch():

@@ -10,7 +10,7 @@ import torch
 
 from branchynet import testing
 from branchynet.latency import LatencyProfile, measure_latency
-from branchynet.serving import (ExitServer, SimResult, poisson_arrivals, simulate,
+from branchynet.serving import (ExitServer, SimResult, poisson_arrivals, simulate, stage_time_from_record,
                                 stage_time_from_profile, stage_time_from_table)
 
 
@@ -121,6 +121,32 @@ def _burst(server, xs, futures):
         futures.append(server.submit(x, timeout_s=30.0))
 
 
+def test_costs_from_a_record_group_rows_by_powers_of_two_and_take_medians():
+    busy = [(0, 1, 1.0), (0, 1, 3.0), (0, 1, 2.0), (0, 3, 40.0), (0, 2, 4.0), (0, 2, 6.0), (0, 2, 5.0),
+            (1, 4, 8.0)]
+    cost = stage_time_from_record(busy)
+    assert cost(0, 1) == 2.0  # median of 1, 3, 2
+    assert cost(0, 2) == 5.5  # 2-3 rows: median rows 2, median seconds of 4, 6, 5, 40
+    assert cost(1, 4) == 8.0 and cost(1, 2) == 4.0  # through (0, 0) below the smallest
+    with pytest.raises(ValueError, match="stage 2 never ran"):
+        stage_time_from_record(busy, num_stages=3)
+    with pytest.raises(ValueError, match="no runs"):
+        stage_time_from_record({"busy": []})
+
+
+def test_a_late_timer_delays_a_budget_run_but_an_arrival_wakes_the_worker():
+    const = lambda n, k: 1e-3  # noqa: E731
+    late = simulate([0.0], [0], const, num_stages=1, max_batch_size=8, max_wait_ms=2.0, wake_lag_s=5e-4)
+    assert late.runs[0][0] == pytest.approx(2.5e-3)
+    # the second request arrives after the budget ran out but before the timer fires: its
+    # submit wakes the worker, which finds the budget spent and runs both at once
+    woken = simulate([0.0, 2.2e-3], [0, 0], const, num_stages=1, max_batch_size=8, max_wait_ms=2.0,
+                     wake_lag_s=5e-4)
+    assert [(r[0], r[2]) for r in woken.runs] == [(pytest.approx(2.2e-3), 2)]
+    with pytest.raises(ValueError, match="wake_lag_s"):
+        simulate([0.0], [0], const, num_stages=1, wake_lag_s=-1.0)
+
+
 @pytest.mark.parametrize("rebatch", [True, False])
 def test_replaying_a_real_servers_record_makes_the_same_runs(one_thread, rebatch):
     """Every decision of this load falls on a full queue or a 30 ms budget expiry with no
@@ -153,6 +179,11 @@ def test_replaying_a_real_servers_record_makes_the_same_runs(one_thread, rebatch
     # stays under the 20 ms between events that the decisions above rely on.
     lag = np.array([s for s, _, _, _ in rec["runs"]]) - np.array(starts)
     assert np.all(lag > -1e-6) and np.all(lag < 0.015), lag
+    # busy: the worker's whole time on each run, in the same order, never less than the run
+    assert [(n, k) for n, k, _ in rec["busy"]] == stages
+    assert all(b >= s for (_, _, b), (_, _, _, s) in zip(rec["busy"], rec["runs"]))
+    cost = stage_time_from_record(rec)
+    assert all(cost(n, k) > 0 for n, k in stages)
     assert res.exit_counts == np.bincount(exits, minlength=3).tolist()
 
 

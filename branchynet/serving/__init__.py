@@ -3,7 +3,7 @@ and its schedule on a virtual clock (:func:`simulate`)."""
 
 from .server import ExitAnswer, ExitServer, Overloaded
 from .simulate import (SimResult, poisson_arrivals, simulate, stage_time_from_profile,
-                       stage_time_from_table)
+                       stage_time_from_record, stage_time_from_table)
 
 __all__ = ["ExitServer", "ExitAnswer", "Overloaded", "simulate", "SimResult",
-           "stage_time_from_profile", "stage_time_from_table", "poisson_arrivals"]
+           "stage_time_from_profile", "stage_time_from_table", "stage_time_from_record", "poisson_arrivals"]

@@ -158,9 +158,11 @@ class ExitServer:
                        "answered": 0, "failed": 0, "overloaded": 0}
         self._latency = deque(maxlen=100_000)
         # The scheduling record (record=True): arrivals, and every run's start, stage, rows
-        # and seconds, on the server's clock; what a simulation replays.
+        # and seconds, on the server's clock; what a simulation replays. ``busy``: per run,
+        # the worker's whole time on it (taking the rows, the run, answering, queueing the
+        # survivors), what a cost model of this server must charge a run.
         self._t0 = time.perf_counter()
-        self._record = {"arrivals": [], "runs": []} if record else None
+        self._record = {"arrivals": [], "runs": [], "busy": []} if record else None
         self._worker = threading.Thread(target=self._work, name="branchynet-exit-server", daemon=True)
         self._worker.start()
 
@@ -223,12 +225,16 @@ class ExitServer:
 
     def record(self) -> dict:
         """What the scheduler saw and did (``record=True``): ``arrivals`` (seconds since
-        start, one per accepted request) and ``runs`` (``(start s, stage, rows, seconds)``
-        per stage run), for replaying it (:func:`branchynet.serving.simulate`)."""
+        start, one per accepted request), ``runs`` (``(start s, stage, rows, seconds)``
+        per stage run: the stage, its branch and exit op, and the answers' outputs), for
+        replaying it (:func:`branchynet.serving.simulate`), and ``busy`` (``(stage, rows,
+        seconds)`` per run: the worker's whole time on it, from taking the rows to being
+        free again, for a cost model of the server, :func:`~branchynet.serving.
+        stage_time_from_record`)."""
         if self._record is None:
             raise RuntimeError("build the server with record=True to keep its record")
         with self._cv:
-            return {"arrivals": list(self._record["arrivals"]), "runs": list(self._record["runs"])}
+            return {key: list(v) for key, v in self._record.items()}
 
     def close(self, drain: bool = True) -> None:
         """Stop accepting requests; answer everything queued (``drain``) or fail it."""
@@ -271,11 +277,11 @@ class ExitServer:
                 job = self._next_job()
                 if job is None:
                     return
-            n, h, reqs = job
-            self._run(n, h, reqs)
+            self._run(*job)
 
     def _next_job(self):
-        """Under the lock: ``(stage, state, requests)`` of the next run, or None to stop."""
+        """Under the lock: ``(stage, state, requests, time taken)`` of the next run, or None
+        to stop."""
         while True:
             now = time.perf_counter()
             if self._closed and not self._drain:
@@ -288,7 +294,7 @@ class ExitServer:
             if n is not None:
                 h, reqs = self._live(self._sched.take(n))
                 if reqs:
-                    return n, h, reqs
+                    return n, h, reqs, now
                 continue  # every row taken had timed out or was cancelled
             if self._closed:
                 return None  # drained
@@ -326,10 +332,11 @@ class ExitServer:
             if _settle(r.future, error=err):
                 self._stats["failed"] += 1
 
-    def _run(self, n: int, h: torch.Tensor, reqs: list) -> None:
+    def _run(self, n: int, h: torch.Tensor, reqs: list, t_taken: float) -> None:
         """Stage n on the taken rows (and, without rebatching, every later stage on the
         survivors); answers the leavers, queues the survivors."""
         while True:
+            k = len(reqs)
             try:
                 with torch.inference_mode():
                     h, reqs = self._stage(n, h, reqs, time.perf_counter())
@@ -339,8 +346,12 @@ class ExitServer:
                 return
             with self._cv:
                 n += 1
+                now = time.perf_counter()
                 if reqs and self._rebatch:
-                    self._sched.add(n, _Rows(h, reqs), time.perf_counter())
+                    self._sched.add(n, _Rows(h, reqs), now)
+                if self._record is not None:
+                    self._record["busy"].append((n - 1, k, now - t_taken))
+                t_taken = now
             if not reqs or self._rebatch:
                 return
 

@@ -27,7 +27,7 @@ import numpy as np
 from .scheduler import Scheduler
 
 __all__ = ["SimResult", "simulate", "stage_time_from_profile", "stage_time_from_table",
-           "poisson_arrivals"]
+           "stage_time_from_record", "poisson_arrivals"]
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not results
@@ -101,7 +101,7 @@ def _check(arrivals, exits, num_stages, max_batch_size, max_wait_ms):
 
 
 def simulate(arrivals, exits, stage_time, *, num_stages: int, max_batch_size: int = 256,
-             max_wait_ms: float = 2.0, rebatch: bool = True) -> SimResult:
+             max_wait_ms: float = 2.0, rebatch: bool = True, wake_lag_s: float = 0.0) -> SimResult:
     """Serve requests on a virtual clock with :class:`ExitServer`'s schedule.
 
     Args:
@@ -112,6 +112,8 @@ def simulate(arrivals, exits, stage_time, *, num_stages: int, max_batch_size: in
             :func:`stage_time_from_profile`), or a sequence of run durations in seconds
             used in order, one per run (to replay :meth:`ExitServer.record`'s runs).
         num_stages: N. max_batch_size, max_wait_ms, rebatch: as for :class:`ExitServer`.
+        wake_lag_s: how late a worker sleeping until a budget's expiry wakes (a thread
+            timer's lag: ~0.1 ms on a Linux VM); 0 wakes it on time.
 
     Returns:
         :class:`SimResult`.
@@ -120,6 +122,8 @@ def simulate(arrivals, exits, stage_time, *, num_stages: int, max_batch_size: in
         ValueError: bad arguments, or a ``stage_time`` sequence that runs out.
     """
     t, ex = _check(arrivals, exits, num_stages, max_batch_size, max_wait_ms)
+    if not wake_lag_s >= 0 or math.isinf(wake_lag_s):
+        raise ValueError(f"wake_lag_s must be a finite number >= 0, got {wake_lag_s!r}")
     cost = _durations(stage_time)
     sched = Scheduler(num_stages, max_batch_size, max_wait_ms / 1e3)
     ex_list, last = ex.tolist(), num_stages - 1
@@ -154,7 +158,11 @@ def simulate(arrivals, exits, stage_time, *, num_stages: int, max_batch_size: in
         if n is not None:
             now = run(n, [i for item in sched.take(n) for i in item], now)
             continue
-        times = [x for x in (float(t[nxt]) if nxt < t.size else None, sched.wake()) if x is not None]
+        # The worker sleeps until the next arrival (a submit wakes it) or a budget's expiry
+        # (a timer, which fires wake_lag_s late).
+        wake = sched.wake()
+        times = [x for x in (float(t[nxt]) if nxt < t.size else None,
+                             None if wake is None else wake + wake_lag_s) if x is not None]
         if not times:
             break
         # A budget expiry at t + budget can round to a clock where (now - t) < budget by
@@ -241,6 +249,35 @@ def stage_time_from_table(table: dict) -> Callable[[int, int], float]:
         if not isinstance(s, dict) or "rows" not in s or "seconds" not in s:
             raise ValueError(f'table stage {n}: expected {{"rows": [...], "seconds": [...]}}, got {s!r}')
         curves.append(_interpolate(s["rows"], s["seconds"], f"table stage {n}"))
+    return _per_stage(curves)
+
+
+def stage_time_from_record(busy, num_stages: int | None = None) -> Callable[[int, int], float]:
+    """A run's cost ``(stage n, rows k) -> seconds`` from what a server spent on its runs:
+    the ``busy`` entries of :meth:`ExitServer.record` (``(stage, rows, seconds)``, the
+    worker's whole time on a run: taking the rows, the run, answering, queueing).
+
+    Per stage, the runs are grouped by rows in powers of two (1, 2-3, 4-7, ...), each
+    group's median rows and median seconds taken (robust to the odd descheduled run), and
+    the curve interpolated between them as :func:`stage_time_from_profile` does. A server
+    of a model with no compute gives the server's own cost of a run, to add to segment
+    times measured alone.
+    """
+    entries = list(busy["busy"] if isinstance(busy, dict) else busy)
+    if not entries:
+        raise ValueError("busy: no runs recorded (build the server with record=True and serve some requests)")
+    n_stages = num_stages if num_stages is not None else 1 + max(int(e[0]) for e in entries)
+    curves = []
+    for n in range(n_stages):
+        groups: dict = {}
+        for stage, k, sec in entries:
+            if int(stage) == n and k >= 1:
+                groups.setdefault(int(k).bit_length(), []).append((k, sec))
+        if not groups:
+            raise ValueError(f"busy: stage {n} never ran in the record")
+        pts = sorted((float(np.median([k for k, _ in g])), float(np.median([s for _, s in g])))
+                     for g in groups.values())
+        curves.append(_interpolate([k for k, _ in pts], [s for _, s in pts], f"record stage {n}"))
     return _per_stage(curves)
 
 
