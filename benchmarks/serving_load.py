@@ -113,6 +113,25 @@ def paper_case(model_name: str, pool_size: int = 1024) -> dict:
             "thresholds": pt.thresholds, "target": pt.target, "realised": pt.realised}
 
 
+def trained_case(checkpoint: Path, dataset: str, pool_size: int = 1024) -> dict:
+    """A trained network (a checkpoint, e.g. ``branchynet demo``'s ``runs/demo/model.pt``)
+    with thresholds realising the paper's exit profile on real inputs: the first
+    ``pool_size`` images of the data set's test split, in a stratified order."""
+    from branchynet.checkpoint import build_from_checkpoint, read_checkpoint
+    from branchynet.data import load_dataset
+
+    ckpt = read_checkpoint(checkpoint)
+    model = build_from_checkpoint(ckpt, checkpoint).eval()
+    test = load_dataset(dataset).test
+    pool = torch.stack([test[i][0] for i in range(min(pool_size, len(test)))]).float()
+    name = str(ckpt["arch"]["name"]).replace("-", "_")
+    fr = P.profile_fractions("b_lenet" if model.num_exits == 2 else "b_alexnet", "paper", model.num_exits)
+    pt = P.thresholds_for_profile(model, pool, fr)
+    order = P.stratified_order(pt.exits, model.num_exits)
+    return {"name": f"{name}_trained_{dataset.replace('-', '_')}", "model": model, "pool": pool.index_select(0, order),
+            "thresholds": pt.thresholds, "target": pt.target, "realised": pt.realised}
+
+
 def make_server(model, thresholds, config: str, max_batch_size: int, max_wait_ms: float,
                 max_queued: int, record: bool = False) -> ExitServer:
     """The ExitServer of one configuration (``CONFIGS``)."""
@@ -511,8 +530,9 @@ def report(results: dict) -> str:
         "`max_batch_size` and `max_wait_ms`: **backbone** (`model.backbone_only()`, served as one "
         "stage), **per_batch** (early exit, each batch carried through every stage with compaction, "
         "`rebatch=False`) and **rebatch** (survivors pooled per stage, `rebatch=True`). "
-        "The networks are randomly initialised (seeded), with entropy thresholds set to realise the "
-        "paper's exit profile (Table I) on a pool of random inputs; requests cycle through that pool "
+        "The networks are randomly initialised (seeded) unless named *trained* (a checkpoint, its "
+        "pool the data set's test images), with entropy thresholds set to realise the "
+        "paper's exit profile (Table I) on the pool; requests cycle through that pool "
         "in a stratified order, so every window carries the profile.", "",
         f"- Command: `{env['command']}` (`OMP_NUM_THREADS={env['OMP_NUM_THREADS']}`, "
         f"`torch.set_num_threads({env['torch_threads']})`)",
@@ -625,6 +645,9 @@ def main(argv=None) -> None:
     ap.add_argument("--point-repeats", type=int, default=3, help="open-loop runs per point (medians)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="a trained network instead of the random B-LeNet (e.g. runs/demo/model.pt)")
+    ap.add_argument("--dataset", default="mnist-5k", help="the trained network's data (its test split is the pool)")
     ap.add_argument("--keep-gc", action="store_true",
                     help="leave the cyclic garbage collector on during runs (see PAUSE_GC)")
     args = ap.parse_args(argv)
@@ -638,12 +661,13 @@ def main(argv=None) -> None:
     if args.quick:
         kw.update(max_batch_size=32, saturation_batches=4, saturation_repeats=1, max_requests=150,
                   max_seconds=1.0, point_repeats=1, bare_rounds=2)
-    names = ["b_lenet"] + (["b_resnet110"] if args.full else [])
+    names = [None if args.checkpoint else "b_lenet"] + (["b_resnet110"] if args.full else [])
     results = {"loadavg_before": _loadavg(), "gc_paused_during_runs": PAUSE_GC, "models": {}}
     t0 = time.perf_counter()
     for name in names:
+        case = trained_case(args.checkpoint, args.dataset) if name is None else paper_case(name)
+        name = case["name"]
         print(f"{name}:", flush=True)
-        case = paper_case(name)
         r = measure(case["model"], case["thresholds"], case["pool"], **kw)
         r.update(thresholds=case["thresholds"], target=case["target"], realised=case["realised"])
         results["models"][name] = r
