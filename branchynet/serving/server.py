@@ -31,6 +31,7 @@ from ..engine import EarlyExitEngine
 from ..exits import exit_scores
 from ..models.branchynet import BranchyNet
 from ..ops._backends import new_outputs
+from .buffers import StageBuffer
 from .scheduler import Scheduler
 
 __all__ = ["ExitServer", "ExitAnswer", "Overloaded"]
@@ -65,21 +66,6 @@ class _Request:
 
     def __init__(self, future: Future, t_submit: float, deadline: float | None):
         self.future, self.t_submit, self.deadline = future, t_submit, deadline
-
-
-class _Rows:
-    """Rows waiting for a stage: their state [m, ...] and their m requests (sliceable)."""
-
-    __slots__ = ("h", "reqs")
-
-    def __init__(self, h: torch.Tensor, reqs: list):
-        self.h, self.reqs = h, reqs
-
-    def __len__(self) -> int:
-        return len(self.reqs)
-
-    def __getitem__(self, s: slice) -> "_Rows":
-        return _Rows(self.h[s], self.reqs[s])
 
 
 def _settle(future: Future, result=None, error: BaseException | None = None) -> bool:
@@ -145,6 +131,10 @@ class ExitServer:
         self._compiled = bool(compile)
         self._spec = None  # (C, logits dtype) for compiled stages, from the first stage-1 run
         self._sched = Scheduler(self._n, max_batch_size, max_wait_ms / 1e3)
+        # The rows' state per stage, in queue order (the scheduler's items are lists of
+        # their requests, in the same order): a run reads a view of the first rows, the
+        # survivors are gathered straight to the end of the next stage's buffer.
+        self._queues = [StageBuffer(2 * max_batch_size) for _ in range(self._n)]
         self._cv = threading.Condition()
         # The request deadlines' own thread, on the same lock: a request times out at its
         # deadline even while the worker is busy in a long stage run.
@@ -193,7 +183,8 @@ class ExitServer:
             if waiting >= self._max_queued:
                 self._stats["overloaded"] += 1
                 raise Overloaded(f"{waiting} rows are waiting (max_queued={self._max_queued}); retry later")
-            self._sched.add(0, _Rows(x.unsqueeze(0), [req]), now)
+            self._queues[0].append(x.unsqueeze(0))
+            self._sched.add(0, [req], now)
             if self._record is not None:
                 self._record["arrivals"].append(now - self._t0)
             if req.deadline is not None:
@@ -280,21 +271,25 @@ class ExitServer:
             self._run(*job)
 
     def _next_job(self):
-        """Under the lock: ``(stage, state, requests, time taken)`` of the next run, or None
-        to stop."""
+        """Under the lock: ``(stage, state, requests, time taken, rows taken)`` of the next
+        run, or None to stop."""
         while True:
             now = time.perf_counter()
             if self._closed and not self._drain:
                 err = RuntimeError("the ExitServer was closed before this request was answered "
                                    "(close(drain=False))")
-                for rows in self._sched.clear():
-                    self._fail(rows.reqs, err)
+                for reqs in self._sched.clear():
+                    self._fail(reqs, err)
+                for q in self._queues:
+                    q.clear()
                 return None
             n = self._sched.pick(now, closing=self._closed)
             if n is not None:
-                h, reqs = self._live(self._sched.take(n))
-                if reqs:
-                    return n, h, reqs, now
+                reqs = [r for taken in self._sched.take(n) for r in taken]
+                h, live = self._live(self._queues[n].front(len(reqs)), reqs)
+                if live:
+                    return n, h, live, now, len(reqs)
+                self._queues[n].pop_front(len(reqs))
                 continue  # every row taken had timed out or was cancelled
             if self._closed:
                 return None  # drained
@@ -316,14 +311,13 @@ class ExitServer:
                 self._reap_cv.wait(wait)
 
     @staticmethod
-    def _live(taken: list):
-        """One state tensor and the requests of the taken rows, without those already
-        settled (timed out, or cancelled by their caller)."""
-        hs = [rows.h for rows in taken]
-        reqs = [r for rows in taken for r in rows.reqs]
-        h = hs[0] if len(hs) == 1 else torch.cat(hs)
+    def _live(h: torch.Tensor, reqs: list):
+        """The taken rows' state and requests without those already settled (timed out,
+        or cancelled by their caller)."""
         live = [i for i, r in enumerate(reqs) if not r.future.done()]
-        if len(live) < len(reqs) and live:
+        if len(live) == len(reqs):
+            return h, reqs
+        if live:
             h = h[torch.tensor(live, device=h.device)]
         return h, [reqs[i] for i in live]
 
@@ -332,23 +326,34 @@ class ExitServer:
             if _settle(r.future, error=err):
                 self._stats["failed"] += 1
 
-    def _run(self, n: int, h: torch.Tensor, reqs: list, t_taken: float) -> None:
-        """Stage n on the taken rows (and, without rebatching, every later stage on the
-        survivors); answers the leavers, queues the survivors."""
+    def _run(self, n: int, h: torch.Tensor, reqs: list, t_taken: float, taken: int) -> None:
+        """Stage n on the taken rows (the first ``taken`` of its queue; ``h`` their live
+        ones' state) and, without rebatching, every later stage on the survivors; answers
+        the leavers, queues the survivors."""
+        queue = self._queues[n]
         while True:
             k = len(reqs)
             try:
                 with torch.inference_mode():
-                    h, reqs = self._stage(n, h, reqs, time.perf_counter())
+                    h, stay, reqs = self._stage(n, h, reqs, time.perf_counter())
+                    if reqs and self._rebatch:  # the next buffer is the worker's alone: no lock
+                        self._queues[n + 1].gather(h, stay)
+                    elif reqs:
+                        h = self._engine._plan(h.device, self._compiled)[1](h, stay)
             except Exception as err:  # a failing stage fails its run's requests, not the server
                 with self._cv:
                     self._fail(reqs, err)
+                    if queue is not None:
+                        queue.pop_front(taken)
                 return
             with self._cv:
+                if queue is not None:  # the run is over: its rows leave the queue's buffer
+                    queue.pop_front(taken)
+                    queue = None
                 n += 1
                 now = time.perf_counter()
                 if reqs and self._rebatch:
-                    self._sched.add(n, _Rows(h, reqs), now)
+                    self._sched.add(n, reqs, now)
                 if self._record is not None:
                     self._record["busy"].append((n - 1, k, now - t_taken))
                 t_taken = now
@@ -356,8 +361,8 @@ class ExitServer:
                 return
 
     def _stage(self, n: int, h: torch.Tensor, reqs: list, t0: float):
-        """One run of stage n (started at t0): answers the rows that leave, returns the
-        survivors."""
+        """One run of stage n (started at t0): answers the rows that leave; returns the
+        stage's output, the survivors' rows in it and their requests."""
         eng = self._engine
         k = h.shape[0]
         rows = eng._rows(k, h.device)
@@ -367,7 +372,7 @@ class ExitServer:
             out = new_outputs(k, *self._spec, h.device)
         else:
             out = []
-        regions, gather = eng._plan(h.device, self._compiled)
+        regions, _ = eng._plan(h.device, self._compiled)
         h, (survivors, _, count) = regions[n](h, rows, out)
         stay = survivors[:0 if n == self._n - 1 else int(count)]
         leave = torch.ones(k, dtype=torch.bool, device=h.device)
@@ -397,6 +402,4 @@ class ExitServer:
             st["stage_rows"][n] += k
             st["exits"][n] += answered
             st["answered"] += answered
-        if stay.numel() == 0:
-            return None, []
-        return gather(h, stay), [reqs[i] for i in stay.tolist()]
+        return h, stay, [reqs[i] for i in stay.tolist()]
