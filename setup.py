@@ -131,7 +131,12 @@ def _extension():
             with open(out, "w") as fh:
                 # The sources' hash: a _C built from other sources is not loaded (its op
                 # registrations may clash with this package's, which would abort the process).
-                json.dump(bb.record(kind, "ahead of time", reason, source=bb.source_hash("csrc")), fh)
+                # Size and sha256 of the module: a truncated or replaced file is refused
+                # before it is mapped (a truncated one would be SIGBUS at import).
+                size, sha = bb.file_digest(self.get_ext_fullpath(ext.name))
+                json.dump(bb.record(kind, "ahead of time", reason, source=bb.source_hash("csrc"),
+                                    file=os.path.basename(self.get_ext_fullpath(ext.name)), size=size,
+                                    sha256=sha), fh)
 
         def copy_extensions_to_source(self):
             # --inplace / editable: the record goes beside the module it describes.

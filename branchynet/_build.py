@@ -19,14 +19,15 @@ What each build needs, decided up front:
 - CPU kernels only: torch and a C++ compiler. This is also the fallback when a CUDA build
   fails to compile or link.
 
-Environment variables:
+Environment variables (the switches take 0/1, false/true, off/on, no/yes: :func:`env_flag`):
 
 - ``BRANCHYNET_SKIP_EXT=1``: setup.py builds no extension.
 - ``BRANCHYNET_REQUIRE_EXT=1``: a build that fails, or falls back, is an error (CI sets
   it, so a broken extension fails the install instead of landing as a fallback).
 - ``BRANCHYNET_JIT=0``: no build on first use (the ``torch`` backend is used).
 - ``BRANCHYNET_CACHE``: where just-in-time builds are kept (default
-  ``~/.cache/branchynet``), one folder per torch version, Python, kind and source hash.
+  ``~/.cache/branchynet``), one folder per torch version, Python, kind and source hash;
+  what of it is loaded, and where it is without a home: :mod:`branchynet._cache`.
 """
 
 from __future__ import annotations
@@ -37,17 +38,30 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+
+try:
+    from . import _cache
+except ImportError:  # loaded by path (setup.py, the build subprocess): no package around it
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location("_branchynet_cache", os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "_cache.py"))
+    _cache = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_cache)
 
 log = logging.getLogger("branchynet.build")
 
 ENV_SKIP = "BRANCHYNET_SKIP_EXT"
 ENV_REQUIRE = "BRANCHYNET_REQUIRE_EXT"
 ENV_JIT = "BRANCHYNET_JIT"
-ENV_CACHE = "BRANCHYNET_CACHE"
+ENV_CACHE = _cache.ENV_CACHE
+file_digest = _cache.file_digest  # (size, sha256) of a module file: setup.py records it
 
 MODULE = "branchynet._C"
 RECORD = "_C_build.json"  # beside an ahead-of-time _C: which build was made and why
@@ -60,9 +74,21 @@ DEFAULT_CUDA_ARCH = "8.0;9.0"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def env_flag(name: str) -> bool:
-    """True when the variable is set to anything but empty or ``0``."""
-    return os.environ.get(name, "0") not in ("", "0")
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable: 1/true/on/yes or 0/false/off/no (any case);
+    ``default`` when unset or empty. Anything else is an error naming the variable (a
+    typo must not silently mean the opposite)."""
+    value = os.environ.get(name, "")
+    word = value.strip().lower()
+    if not word:
+        return default
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"environment variable {name} must be one of 0/1, false/true, off/on, no/yes, "
+                     f"got {value!r}")
 
 
 # --- sources ----------------------------------------------------------------------------
@@ -240,12 +266,9 @@ def describe(rec: dict | None) -> str:
 
 # --- just in time -----------------------------------------------------------------------
 
-def cache_root() -> str:
-    base = os.environ.get(ENV_CACHE)
-    if not base:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                            "branchynet")
-    return base
+def cache_root() -> str | None:
+    """Where just-in-time builds are kept, or None (no usable cache): see :mod:`branchynet._cache`."""
+    return _cache.cache_root()
 
 
 def _cuda_arch_list() -> str:
@@ -257,21 +280,85 @@ def _cuda_arch_list() -> str:
     return ";".join(f"{a}.{b}" for a, b in caps) or os.environ.get("BRANCHYNET_CUDA_ARCH", DEFAULT_CUDA_ARCH)
 
 
-def build_dir(attempt: dict, root: str) -> tuple:
-    """``(folder, module name)`` of one just-in-time build: one per torch version, Python,
-    kind and hash of sources + flags + toolkit, so two versions never share a module."""
+def build_key(attempt: dict, root: str) -> dict:
+    """What a build of ``attempt`` from the sources in ``root`` is for, as its record must
+    name it: kind, torch, Python, the sources' hash, the flags (for CUDA also the toolkit
+    and architectures), and ``digest``, a hash of all of it that names its folder."""
     import torch
 
-    h = hashlib.sha256(source_hash(root).encode())
+    src = source_hash(root)
+    flags = {"cxx": CXX_FLAGS}
     key = [attempt["kind"], torch.__version__, sys.implementation.cache_tag, CXX_FLAGS]
     if attempt["kind"] == "cuda":
         nvcc = os.path.join(attempt["cuda_home"], "bin", "nvcc")
-        key += [NVCC_FLAGS, attempt["cuda_home"], _nvcc_release(nvcc), _cuda_arch_list()]
+        cuda = [NVCC_FLAGS, attempt["cuda_home"], _nvcc_release(nvcc), _cuda_arch_list()]
+        key += cuda
+        flags = {**flags, "nvcc": cuda}
+    h = hashlib.sha256(src.encode())
     h.update(json.dumps(key).encode())
-    digest = h.hexdigest()[:16]
-    folder = os.path.join(cache_root(), f"torch-{torch.__version__}-{sys.implementation.cache_tag}",
-                          f"{attempt['kind']}-{digest}")
-    return folder, f"branchynet_C_{attempt['kind']}_{digest}"
+    # Through JSON and back, as a record read from disk will have it (lists, not tuples).
+    return json.loads(json.dumps({"kind": attempt["kind"], "torch": torch.__version__,
+                                  "python": sys.implementation.cache_tag, "source": src, "flags": flags,
+                                  "digest": h.hexdigest()[:16]}))
+
+
+def _locate(attempt: dict, root: str, create: bool = False) -> tuple:
+    """``(folder or None, module name, key)``; the folder is None when there is no cache."""
+    key = build_key(attempt, root)
+    base = cache_root() if not create else _cache.cache_root(create=True)
+    name = f"branchynet_C_{attempt['kind']}_{key['digest']}"
+    if base is None:
+        return None, name, key
+    folder = os.path.join(base, f"torch-{key['torch']}-{key['python']}", f"{attempt['kind']}-{key['digest']}")
+    return folder, name, key
+
+
+def build_dir(attempt: dict, root: str) -> tuple:
+    """``(folder, module name)`` of one just-in-time build: one per torch version, Python,
+    kind and hash of sources + flags + toolkit, so two versions never share a module.
+    The folder is None when there is no usable cache. A build refused there is made in a
+    fresh sibling folder, ``<folder>-<random>`` (:func:`jit_build`)."""
+    folder, name, _ = _locate(attempt, root)
+    return folder, name
+
+
+def seal(attempt: dict, root: str, module_path: str, *, why: str = "", how: str = "just in time",
+         **extra) -> dict:
+    """The record of a finished build of ``module_path``: :func:`record` with the build's
+    key (:func:`build_key`) and the module file's name, size and sha256, which a later
+    load checks before mapping the file."""
+    key = build_key(attempt, root)
+    size, sha = _cache.file_digest(module_path)
+    return {**record(attempt["kind"], how, why, **extra), **key, "path": os.path.dirname(module_path),
+            "module": f"branchynet_C_{attempt['kind']}_{key['digest']}",
+            "file": os.path.basename(module_path), "size": size, "sha256": sha}
+
+
+def _candidates(folder: str) -> list:
+    """The folders a build of ``folder``'s key may be in: itself, then fresh siblings
+    (newest first)."""
+    parent, base = os.path.split(folder)
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(base + "-")]
+    except OSError:
+        return [folder]
+    fresh = sorted((os.path.join(parent, n) for n in names), key=lambda p: -os.lstat(p).st_mtime)
+    return [folder] + [p for p in fresh if os.path.isdir(p)]
+
+
+def _find_valid(folder: str, name: str, key: dict):
+    """``(module file, record)`` of the first finished build that passes the checks
+    (:func:`branchynet._cache.check_build`), or None. Folders with a record that fail
+    them are ignored with one warning each; folders without one are unfinished builds."""
+    for cand in _candidates(folder):
+        if not os.path.lexists(os.path.join(cand, _cache.DONE)):
+            continue
+        try:
+            return _cache.check_build(cand, name, key)
+        except (OSError, _cache.Untrusted) as err:
+            _cache.warn_once(("build", cand), "branchynet: ignoring the cached build in %s (%s); it is "
+                             "not loaded, and a new one is built in a fresh folder on first use", cand, err)
+    return None
 
 
 def _import_built(folder: str, name: str):
@@ -279,13 +366,13 @@ def _import_built(folder: str, name: str):
 
     import torch  # noqa: F401  (the module links against libtorch, loaded by torch)
 
-    for f in os.listdir(folder):
-        if f.startswith(name + ".") and f.endswith((".so", ".pyd")):
-            spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f))
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-    raise ImportError(f"no built module {name} in {folder}")
+    path = _cache.module_file(folder, name)
+    if path is None:
+        raise ImportError(f"no built module {name} in {folder}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class _Lock:
@@ -333,71 +420,116 @@ def _ninja_on_path() -> None:
             return
 
 
+def _fresh_folder(folder: str, force: bool) -> str:
+    """The folder to build ``folder``'s key in, under the build lock: ``folder`` itself if
+    it is missing or an unfinished build of ours (ninja goes on from its objects); emptied
+    first if it is ours but refused or ``force``d; else (not ours: left alone) a fresh
+    sibling, 0700."""
+    if force:  # from scratch: ninja would find the old outputs up to date
+        for sib in _candidates(folder)[1:]:
+            try:
+                _cache.check_dir(sib)
+                shutil.rmtree(sib)
+            except (OSError, _cache.Untrusted):
+                pass
+    if os.path.lexists(folder):
+        try:
+            _cache.check_dir(folder)
+        except (OSError, _cache.Untrusted):
+            return tempfile.mkdtemp(prefix=os.path.basename(folder) + "-", dir=os.path.dirname(folder))
+        if not force and not os.path.lexists(os.path.join(folder, _cache.DONE)):
+            return folder
+        shutil.rmtree(folder)
+    os.mkdir(folder, 0o700)
+    return folder
+
+
 def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
     """Build (or load from the cache) one attempt. Returns ``(module, record)``; raises
     on a failed build, after writing the compiler's output to ``<folder>/failed.log``.
 
     Safe when several processes start at once on an empty cache: one builds under the
-    lock, the others wait for it and load its module.
+    lock, the others wait for it and load its module. A cached build that fails the
+    checks of :func:`branchynet._cache.check_build` is never loaded: it is rebuilt in a
+    fresh folder. Without a usable cache the build goes to a private temporary folder.
     """
-    folder, name = build_dir(attempt, root)
-    os.makedirs(folder, exist_ok=True)
-    done = os.path.join(folder, "built.json")
-    failed = os.path.join(folder, "failed.log")
-    lock = _Lock(os.path.join(folder, "branchynet.lock"))
+    folder, name, key = _locate(attempt, root, create=True)
+    if folder is not None:
+        try:
+            _cache.make_private_dir(os.path.dirname(folder))
+        except (OSError, _cache.Untrusted) as err:
+            _cache.warn_once(("root", os.path.dirname(folder)), "branchynet: not caching the build (%s)", err)
+            folder = None
+    if folder is None:
+        return _compile(attempt, root, tempfile.mkdtemp(prefix=f"branchynet-{attempt['kind']}-"), name, why)
+    lock = _Lock(folder + ".lock")
     lock.acquire(on_wait=lambda: log.warning(
         "branchynet: waiting for another process building the extension in %s", folder))
     try:
-        if force:  # a rebuild from scratch: ninja would find its old outputs up to date
-            for f in os.listdir(folder):
-                path = os.path.join(folder, f)
-                if f != "branchynet.lock":
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if os.path.exists(done):
-            with open(done) as fh:
-                rec = json.load(fh)
-            return _import_built(folder, name), rec
-        if os.path.exists(failed) and not force:
-            raise RuntimeError(f"an earlier build failed (see {failed}; `branchynet build` retries)")
-        import torch
-        from torch.utils import cpp_extension
-
-        kind = "CUDA + CPU" if attempt["kind"] == "cuda" else "CPU"
-        log.warning("branchynet: building the compiled exit-op kernels (%s) for torch %s on first "
-                    "use, once (about a minute on 2 cores; %s); cached in %s. `branchynet build` "
-                    "does this ahead of time, %s=0 turns it off.",
-                    kind, torch.__version__, why, folder, ENV_JIT)
-        stale = os.path.join(folder, "lock")  # torch's baton, left by a killed build
-        if os.path.exists(stale):
-            os.remove(stale)
-        _ninja_on_path()
-        cuda = attempt["kind"] == "cuda"
-        if cuda:
-            use_toolkit(attempt["cuda_home"])
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
-        t0 = time.perf_counter()
-        try:
-            mod = cpp_extension.load(
-                name, sources(root, cuda),
-                extra_cflags=CXX_FLAGS + (["-DBRANCHYNET_WITH_CUDA"] if cuda else []),
-                extra_cuda_cflags=NVCC_FLAGS if cuda else None, build_directory=folder,
-                with_cuda=cuda, verbose=False)
-        except BaseException as err:
-            with open(failed, "w") as fh:
-                fh.write(f"{type(err).__name__}: {err}\n")
-            raise
-        rec = record(attempt["kind"], "just in time", why, path=folder, module=name,
-                     source=source_hash(root), seconds=round(time.perf_counter() - t0, 1))
-        tmp = done + f".{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(rec, fh)
-        os.replace(tmp, done)
-        if os.path.exists(failed):
-            os.remove(failed)
-        log.warning("branchynet: built in %.0f s", rec["seconds"])
-        return mod, rec
+        if not force:
+            found = _find_valid(folder, name, key)
+            mod = _load_valid(os.path.dirname(found[0]), name) if found is not None else None
+            if mod is not None:
+                return mod, found[1]
+            failed = os.path.join(folder, "failed.log")
+            try:
+                _cache.check_dir(folder)
+                if os.path.exists(failed) and not os.path.lexists(os.path.join(folder, _cache.DONE)):
+                    raise RuntimeError(f"an earlier build failed (see {failed}; `branchynet build` retries)")
+            except (OSError, _cache.Untrusted):
+                pass  # missing, or not ours: a fresh folder
+        return _compile(attempt, root, _fresh_folder(folder, force), name, why)
     finally:
         lock.release()
+
+
+def _compile(attempt: dict, root: str, folder: str, name: str, why: str) -> tuple:
+    """Compile and load ``attempt`` in ``folder`` (ours, private); seal it with its record."""
+    import torch
+    from torch.utils import cpp_extension
+
+    failed = os.path.join(folder, "failed.log")
+    kind = "CUDA + CPU" if attempt["kind"] == "cuda" else "CPU"
+    log.warning("branchynet: building the compiled exit-op kernels (%s) for torch %s on first "
+                "use, once (about a minute on 2 cores; %s); cached in %s. `branchynet build` "
+                "does this ahead of time, %s=0 turns it off.",
+                kind, torch.__version__, why, folder, ENV_JIT)
+    stale = os.path.join(folder, "lock")  # torch's baton, left by a killed build
+    if os.path.exists(stale):
+        os.remove(stale)
+    _ninja_on_path()
+    cuda = attempt["kind"] == "cuda"
+    if cuda:
+        use_toolkit(attempt["cuda_home"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
+    t0 = time.perf_counter()
+    try:
+        mod = cpp_extension.load(
+            name, sources(root, cuda),
+            extra_cflags=CXX_FLAGS + (["-DBRANCHYNET_WITH_CUDA"] if cuda else []),
+            extra_cuda_cflags=NVCC_FLAGS if cuda else None, build_directory=folder,
+            with_cuda=cuda, verbose=False)
+    except BaseException as err:
+        with open(failed, "w") as fh:
+            fh.write(f"{type(err).__name__}: {err}\n")
+        raise
+    so = _cache.module_file(folder, name)
+    if so is None:
+        raise RuntimeError(f"the build of {name} left no module file in {folder}")
+    for dirpath, dirnames, files in os.walk(folder):  # whatever the umask: nobody else writes here
+        for p in [dirpath] + [os.path.join(dirpath, f) for f in files]:
+            if not os.path.islink(p):
+                os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) & ~0o022)
+    rec = seal(attempt, root, so, why=why, seconds=round(time.perf_counter() - t0, 1))
+    done = os.path.join(folder, _cache.DONE)
+    tmp = done + f".{os.getpid()}"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as fh:
+        json.dump(rec, fh)
+    os.replace(tmp, done)  # last: a record names a finished build
+    if os.path.exists(failed):
+        os.remove(failed)
+    log.warning("branchynet: built in %.0f s", rec["seconds"])
+    return mod, rec
 
 
 def _first_line(err: BaseException) -> str:
@@ -459,17 +591,28 @@ def cached(root: str | None = None):
         return None, None
     attempts, _ = plan(jit=True)
     for attempt in attempts or [{"kind": "cpu", "cuda_home": None}]:
-        folder, name = build_dir(attempt, root)
-        try:
-            with open(os.path.join(folder, "built.json")) as fh:
-                rec = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        try:
-            return _import_built(folder, name), rec
-        except Exception as err:  # a cache entry that does not load: rebuilt on first use
-            log.debug("branchynet: cached build in %s not loaded (%s)", folder, err)
+        folder, name, key = _locate(attempt, root)
+        found = _find_valid(folder, name, key) if folder is not None else None
+        if found is not None:
+            mod = _load_valid(os.path.dirname(found[0]), name)
+            if mod is not None:
+                return mod, found[1]
     return None, None
+
+
+def _load_valid(folder: str, name: str):
+    """Import a build that passed the checks, or None: one that still does not load (a
+    link error) loses its record, so that the first use rebuilds it."""
+    try:
+        return _import_built(folder, name)
+    except Exception as err:
+        _cache.warn_once(("build", folder), "branchynet: the cached build in %s does not load (%s); it is "
+                         "rebuilt on first use", folder, _first_line(err))
+        try:
+            os.remove(os.path.join(folder, _cache.DONE))
+        except OSError:
+            pass
+        return None
 
 
 # --- what the package uses --------------------------------------------------------------
@@ -508,6 +651,18 @@ def _aot_record(folder: str):
         return json.load(fh)
 
 
+def _damaged(path: str, rec: dict | None) -> str | None:
+    """Why the module file of an ahead-of-time ``_C`` must not be mapped, or None: its size
+    and sha256 against its record, or, for a record without them (an older build), its
+    ELF headers against its size."""
+    if rec and rec.get("sha256"):
+        size, sha = _cache.file_digest(path)
+        if size != rec.get("size"):
+            return f"{path} has {size} bytes, its record says {rec.get('size')} (truncated or changed)"
+        return None if sha == rec["sha256"] else f"the sha256 of {path} does not match its record"
+    return _cache.elf_truncated(path) if path.endswith(".so") else None
+
+
 def load_extension(build_if_missing: bool):
     """The extension module for this process, or None: the ahead-of-time ``_C``, else a
     cached just-in-time build, else (``build_if_missing``, once per process, unless
@@ -538,6 +693,9 @@ def load_extension(build_if_missing: bool):
             # Nor one built from other sources (a checkout updated without a rebuild): an
             # older _C defines the op schemas itself, and two definitions abort the process.
             raise ImportError(f"branchynet._C was built from {stale}")
+        damaged = _damaged(spec.origin, rec)
+        if damaged:  # mapping a truncated file is SIGBUS, not an ImportError
+            raise ImportError(f"branchynet._C is damaged: {damaged}")
         mod = importlib.import_module(MODULE)
         _STATE["record"] = rec or record("cuda" if mod.has_cuda() else "cpu", "ahead of time", "")
         return mod, None
@@ -560,9 +718,10 @@ def load_extension(build_if_missing: bool):
     with _JIT_LOCK:  # one build per process: a second thread waits for the first one's result
         if _STATE["jit_tried"]:
             return _STATE["jit"] or (None, missing)
-        if os.environ.get(ENV_JIT, "1").strip() == "0":
-            _STATE["record"] = record(None, "just in time", f"turned off by {ENV_JIT}=0")
-            return None, f"{missing}; just-in-time build turned off by {ENV_JIT}=0"
+        if not env_flag(ENV_JIT, default=True):
+            off = f"turned off by {ENV_JIT}={os.environ[ENV_JIT].strip()}"
+            _STATE["record"] = record(None, "just in time", off)
+            return None, f"{missing}; just-in-time build {off}"
         mod, rec = build()
         _STATE["record"] = rec
         if mod is None:

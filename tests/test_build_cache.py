@@ -162,6 +162,8 @@ def test_a_private_temp_folder_that_is_not_private_means_no_cache(tmp_path, monk
 
 def test_relative_cache_paths_are_not_used(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(_cache, "_WARNED", set())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")  # the XDG rule: ignored
     monkeypatch.setenv(_build.ENV_CACHE, "relative/cache")
