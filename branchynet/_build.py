@@ -1,7 +1,7 @@
 """Building the compiled extension ``branchynet._C``: ahead of time and just in time.
 
-One plan for both, in one file (over 500 lines for that reason): ``setup.py`` loads this
-file by path (it imports nothing of the package, and torch only inside functions) to build the extension while installing when
+One plan for both, in one file: ``setup.py`` loads this file by path (it imports nothing
+of the package but its sibling files, and torch only inside functions) to build the extension while installing when
 torch is there at build time; :func:`load_extension` builds it on first use with
 ``torch.utils.cpp_extension.load`` (ninja) when it is not, from the sources shipped in
 the package (``branchynet/csrc`` in a wheel, ``csrc/`` in a source checkout).
@@ -9,13 +9,9 @@ the package (``branchynet/csrc`` in a wheel, ``csrc/`` in a source checkout).
 What each build needs, decided up front:
 
 - CUDA kernels (and the CPU ones): a torch built with CUDA, a C++ compiler, and a CUDA
-  toolkit whose ``nvcc`` has torch's CUDA major version (torch refuses to build across
-  major versions) and whose ``libcudart`` the linker can find. Without ``CUDA_HOME`` set,
-  torch takes the folder above the first ``nvcc`` on ``PATH``; a wrapper script there
-  (``/usr/local/bin/nvcc``) gives ``/usr/local``, which has no ``libcudart``, and the link
-  fails. So the toolkit is looked for in torch's guess, in the folder ``nvcc`` itself says
-  it runs from, and in ``/usr/local/cuda``. Just in time, the CUDA kernels are built only
-  where a GPU is visible: they cannot run otherwise, and nvcc costs minutes.
+  toolkit whose ``nvcc`` has torch's CUDA major version and whose ``libcudart`` the
+  linker can find (:mod:`branchynet._toolkit` finds it). Just in time, the CUDA kernels
+  are built only where a GPU is visible: they cannot run otherwise, and nvcc costs minutes.
 - CPU kernels only: torch and a C++ compiler. This is also the fallback when a CUDA build
   fails to compile or link.
 
@@ -36,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -45,15 +40,26 @@ import tempfile
 import threading
 import time
 
-try:
-    from . import _cache
-except ImportError:  # loaded by path (setup.py, the build subprocess): no package around it
-    import importlib.util as _util
 
-    _spec = _util.spec_from_file_location("_branchynet_cache", os.path.join(os.path.dirname(
-        os.path.abspath(__file__)), "_cache.py"))
-    _cache = _util.module_from_spec(_spec)
-    _spec.loader.exec_module(_cache)
+
+def _sibling(name: str):
+    """``branchynet.<name>``, also when this file is loaded by path (setup.py, the build
+    subprocess: no package around it), then from the file beside it."""
+    import importlib
+    import importlib.util
+
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    spec = importlib.util.spec_from_file_location(
+        f"_branchynet{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_cache = _sibling("_cache")
+_toolkit = _sibling("_toolkit")
+cudart_dir, find_toolkit, _nvcc_release = _toolkit.cudart_dir, _toolkit.find_toolkit, _toolkit.nvcc_release
 
 log = logging.getLogger("branchynet.build")
 
@@ -125,89 +131,6 @@ def source_hash(root: str) -> str:
 
 
 # --- the plan ---------------------------------------------------------------------------
-
-def _nvcc_release(nvcc: str) -> str | None:
-    """'13.0' from ``nvcc --version``, or None if it cannot be run or read."""
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+\.\d+)", out)
-    return m.group(1) if m else None
-
-
-def _nvcc_root(nvcc: str) -> str | None:
-    """The toolkit folder ``nvcc`` runs from (it may be a wrapper script elsewhere)."""
-    try:
-        # A dry run prints nvcc's variables without running anything: _HERE_ is its bin/.
-        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "c++", os.devnull], capture_output=True,
-                             text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
-    return os.path.dirname(m.group(1)) if m else None
-
-
-def cudart_dir(cuda_home: str) -> str | None:
-    """The folder torch links ``-lcudart`` from for this toolkit, if it holds a libcudart.
-
-    torch uses ``lib64``, or ``lib`` where there is no ``lib64`` (cpp_extension.library_paths).
-    """
-    lib = os.path.join(cuda_home, "lib64")
-    if not os.path.isdir(lib) and os.path.isdir(os.path.join(cuda_home, "lib")):
-        lib = os.path.join(cuda_home, "lib")
-    for name in ("libcudart.so", "libcudart.dylib", "cudart.lib", "libcudart_static.a"):
-        if os.path.exists(os.path.join(lib, name)):
-            return lib
-    return None
-
-
-def find_toolkit(torch_cuda: str, env=None, which=shutil.which):
-    """``(cuda_home, None)`` for a toolkit that can build against torch's CUDA, else
-    ``(None, why)``.
-
-    Args:
-        torch_cuda: torch's CUDA version, e.g. ``"13.0"``.
-        env: the environment to read CUDA_HOME / CUDA_PATH / PATH from (default os.environ).
-        which: ``shutil.which``-like lookup (tests pass their own PATH through env).
-    """
-    env = os.environ if env is None else env
-    explicit = env.get("CUDA_HOME") or env.get("CUDA_PATH")
-    if explicit:
-        candidates = [explicit]  # the user's choice: no guessing past it
-    else:
-        candidates = []
-        nvcc = which("nvcc", path=env.get("PATH"))
-        if nvcc:
-            candidates.append(os.path.dirname(os.path.dirname(nvcc)))  # torch's own guess
-            real = _nvcc_root(nvcc)
-            if real:
-                candidates.append(real)
-        candidates.append("/usr/local/cuda")
-    whys = []
-    seen = set()
-    for home in candidates:
-        key = os.path.realpath(home)
-        if key in seen:
-            continue
-        seen.add(key)
-        nvcc = os.path.join(home, "bin", "nvcc")
-        if not os.path.exists(nvcc):
-            whys.append(f"{home}: no bin/nvcc")
-            continue
-        release = _nvcc_release(nvcc)
-        if release is None:
-            whys.append(f"{home}: `nvcc --version` failed")
-            continue
-        if release.split(".")[0] != torch_cuda.split(".")[0]:
-            whys.append(f"{home}: nvcc is CUDA {release} but torch was built with CUDA {torch_cuda}")
-            continue
-        if cudart_dir(home) is None:
-            whys.append(f"{home}: CUDA {release} but no libcudart to link against in lib64/ or lib/")
-            continue
-        return home, None
-    return None, "no usable CUDA toolkit (" + "; ".join(whys) + ")" if whys else "no CUDA toolkit found"
-
 
 def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
@@ -334,33 +257,6 @@ def seal(attempt: dict, root: str, module_path: str, *, why: str = "", how: str 
             "file": os.path.basename(module_path), "size": size, "sha256": sha}
 
 
-def _candidates(folder: str) -> list:
-    """The folders a build of ``folder``'s key may be in: itself, then fresh siblings
-    (newest first)."""
-    parent, base = os.path.split(folder)
-    try:
-        names = [n for n in os.listdir(parent) if n.startswith(base + "-")]
-    except OSError:
-        return [folder]
-    fresh = sorted((os.path.join(parent, n) for n in names), key=lambda p: -os.lstat(p).st_mtime)
-    return [folder] + [p for p in fresh if os.path.isdir(p)]
-
-
-def _find_valid(folder: str, name: str, key: dict):
-    """``(module file, record)`` of the first finished build that passes the checks
-    (:func:`branchynet._cache.check_build`), or None. Folders with a record that fail
-    them are ignored with one warning each; folders without one are unfinished builds."""
-    for cand in _candidates(folder):
-        if not os.path.lexists(os.path.join(cand, _cache.DONE)):
-            continue
-        try:
-            return _cache.check_build(cand, name, key)
-        except (OSError, _cache.Untrusted) as err:
-            _cache.warn_once(("build", cand), "branchynet: ignoring the cached build in %s (%s); it is "
-                             "not loaded, and a new one is built in a fresh folder on first use", cand, err)
-    return None
-
-
 def _import_built(folder: str, name: str):
     import importlib.util
 
@@ -373,33 +269,6 @@ def _import_built(folder: str, name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-class _Lock:
-    """An exclusive lock on ``path``, released by the OS if the holder dies (fcntl), so a
-    build killed halfway never leaves the next process waiting forever."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fh = None
-
-    def acquire(self, on_wait=None) -> None:
-        self.fh = open(self.path, "a+")
-        try:
-            import fcntl
-        except ImportError:  # Windows: torch's own file baton in the build folder serialises
-            return
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(self.fh, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        if self.fh is not None:
-            self.fh.close()  # closing drops the flock
-            self.fh = None
 
 
 def _ninja_on_path() -> None:
@@ -420,30 +289,6 @@ def _ninja_on_path() -> None:
             return
 
 
-def _fresh_folder(folder: str, force: bool) -> str:
-    """The folder to build ``folder``'s key in, under the build lock: ``folder`` itself if
-    it is missing or an unfinished build of ours (ninja goes on from its objects); emptied
-    first if it is ours but refused or ``force``d; else (not ours: left alone) a fresh
-    sibling, 0700."""
-    if force:  # from scratch: ninja would find the old outputs up to date
-        for sib in _candidates(folder)[1:]:
-            try:
-                _cache.check_dir(sib)
-                shutil.rmtree(sib)
-            except (OSError, _cache.Untrusted):
-                pass
-    if os.path.lexists(folder):
-        try:
-            _cache.check_dir(folder)
-        except (OSError, _cache.Untrusted):
-            return tempfile.mkdtemp(prefix=os.path.basename(folder) + "-", dir=os.path.dirname(folder))
-        if not force and not os.path.lexists(os.path.join(folder, _cache.DONE)):
-            return folder
-        shutil.rmtree(folder)
-    os.mkdir(folder, 0o700)
-    return folder
-
-
 def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
     """Build (or load from the cache) one attempt. Returns ``(module, record)``; raises
     on a failed build, after writing the compiler's output to ``<folder>/failed.log``.
@@ -462,12 +307,12 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
             folder = None
     if folder is None:
         return _compile(attempt, root, tempfile.mkdtemp(prefix=f"branchynet-{attempt['kind']}-"), name, why)
-    lock = _Lock(folder + ".lock")
+    lock = _cache.Lock(folder + ".lock")
     lock.acquire(on_wait=lambda: log.warning(
         "branchynet: waiting for another process building the extension in %s", folder))
     try:
         if not force:
-            found = _find_valid(folder, name, key)
+            found = _cache.find_valid(folder, name, key)
             mod = _load_valid(os.path.dirname(found[0]), name) if found is not None else None
             if mod is not None:
                 return mod, found[1]
@@ -478,7 +323,7 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
                     raise RuntimeError(f"an earlier build failed (see {failed}; `branchynet build` retries)")
             except (OSError, _cache.Untrusted):
                 pass  # missing, or not ours: a fresh folder
-        return _compile(attempt, root, _fresh_folder(folder, force), name, why)
+        return _compile(attempt, root, _cache.fresh_folder(folder, force), name, why)
     finally:
         lock.release()
 
@@ -592,7 +437,7 @@ def cached(root: str | None = None):
     attempts, _ = plan(jit=True)
     for attempt in attempts or [{"kind": "cpu", "cuda_home": None}]:
         folder, name, key = _locate(attempt, root)
-        found = _find_valid(folder, name, key) if folder is not None else None
+        found = _cache.find_valid(folder, name, key) if folder is not None else None
         if found is not None:
             mod = _load_valid(os.path.dirname(found[0]), name)
             if mod is not None:
@@ -651,18 +496,6 @@ def _aot_record(folder: str):
         return json.load(fh)
 
 
-def _damaged(path: str, rec: dict | None) -> str | None:
-    """Why the module file of an ahead-of-time ``_C`` must not be mapped, or None: its size
-    and sha256 against its record, or, for a record without them (an older build), its
-    ELF headers against its size."""
-    if rec and rec.get("sha256"):
-        size, sha = _cache.file_digest(path)
-        if size != rec.get("size"):
-            return f"{path} has {size} bytes, its record says {rec.get('size')} (truncated or changed)"
-        return None if sha == rec["sha256"] else f"the sha256 of {path} does not match its record"
-    return _cache.elf_truncated(path) if path.endswith(".so") else None
-
-
 def load_extension(build_if_missing: bool):
     """The extension module for this process, or None: the ahead-of-time ``_C``, else a
     cached just-in-time build, else (``build_if_missing``, once per process, unless
@@ -693,7 +526,7 @@ def load_extension(build_if_missing: bool):
             # Nor one built from other sources (a checkout updated without a rebuild): an
             # older _C defines the op schemas itself, and two definitions abort the process.
             raise ImportError(f"branchynet._C was built from {stale}")
-        damaged = _damaged(spec.origin, rec)
+        damaged = _cache.check_module(spec.origin, rec)
         if damaged:  # mapping a truncated file is SIGBUS, not an ImportError
             raise ImportError(f"branchynet._C is damaged: {damaged}")
         mod = importlib.import_module(MODULE)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import struct
 import tempfile
@@ -237,3 +238,98 @@ def elf_truncated(path: str) -> str | None:
     if need > size:
         return f"{path} is truncated ({size} bytes, its ELF headers need {need})"
     return None
+
+
+def check_module(path: str, rec: dict | None) -> str | None:
+    """Why the module file of an ahead-of-time ``_C`` must not be mapped, or None: its size
+    and sha256 against its record, or, for a record without them (an older build), its
+    ELF headers against its size."""
+    if rec and rec.get("sha256"):
+        size, sha = file_digest(path)
+        if size != rec.get("size"):
+            return f"{path} has {size} bytes, its record says {rec.get('size')} (truncated or changed)"
+        return None if sha == rec["sha256"] else f"the sha256 of {path} does not match its record"
+    return elf_truncated(path) if path.endswith(".so") else None
+
+
+# --- finding, making and locking build folders ------------------------------------------------
+
+def candidates(folder: str) -> list:
+    """The folders a build of ``folder``'s key may be in: itself, then fresh siblings
+    (newest first)."""
+    parent, base = os.path.split(folder)
+    fresh = []
+    try:
+        for n in os.listdir(parent):
+            path = os.path.join(parent, n)
+            if n.startswith(base + "-") and os.path.isdir(path):
+                fresh.append((-os.lstat(path).st_mtime, path))
+    except OSError:  # no cache yet, or a folder removed meanwhile: what was found
+        pass
+    return [folder] + [p for _, p in sorted(fresh)]
+
+
+def find_valid(folder: str, name: str, key: dict):
+    """``(module file, record)`` of the first finished build that passes the checks
+    (:func:`check_build`), or None. Folders with a record that fail
+    them are ignored with one warning each; folders without one are unfinished builds."""
+    for cand in candidates(folder):
+        if not os.path.lexists(os.path.join(cand, DONE)):
+            continue
+        try:
+            return check_build(cand, name, key)
+        except (OSError, Untrusted) as err:
+            warn_once(("build", cand), "branchynet: ignoring the cached build in %s (%s); it is not "
+                      "loaded, and a new one is built in a fresh folder on first use", cand, err)
+    return None
+
+
+class Lock:
+    """An exclusive lock on ``path``, released by the OS if the holder dies (fcntl), so a
+    build killed halfway never leaves the next process waiting forever."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fh = None
+
+    def acquire(self, on_wait=None) -> None:
+        self.fh = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # Windows: torch's own file baton in the build folder serialises
+            return
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.fh.close()  # closing drops the flock
+            self.fh = None
+
+
+def fresh_folder(folder: str, force: bool) -> str:
+    """The folder to build ``folder``'s key in, under the build lock: ``folder`` itself if
+    it is missing or an unfinished build of ours (ninja goes on from its objects); emptied
+    first if it is ours but refused or ``force``d; else (not ours: left alone) a fresh
+    sibling, 0700."""
+    if force:  # from scratch: ninja would find the old outputs up to date
+        for sib in candidates(folder)[1:]:
+            try:
+                check_dir(sib)
+                shutil.rmtree(sib)
+            except (OSError, Untrusted):
+                pass
+    if os.path.lexists(folder):
+        try:
+            check_dir(folder)
+        except (OSError, Untrusted):
+            return tempfile.mkdtemp(prefix=os.path.basename(folder) + "-", dir=os.path.dirname(folder))
+        if not force and not os.path.lexists(os.path.join(folder, DONE)):
+            return folder
+        shutil.rmtree(folder)
+    os.mkdir(folder, 0o700)
+    return folder
