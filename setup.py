@@ -53,7 +53,11 @@ def _load_build_module():
 def _extension():
     """(ext_modules, cmdclass) for this machine; never raises for a missing torch or CUDA."""
     bb = _load_build_module()
-    if bb.env_flag(bb.ENV_SKIP):
+    try:
+        skip, require = bb.env_flag(bb.ENV_SKIP), bb.env_flag(bb.ENV_REQUIRE)
+    except ValueError as err:  # a switch that is neither on nor off: say which
+        raise SystemExit(f"branchynet setup: {err}") from None
+    if skip:
         _note(f"{bb.ENV_SKIP} is set: building no extension (branchynet builds it on first use, "
               "or run `branchynet build`)")
         return [], {}
@@ -65,7 +69,6 @@ def _extension():
               "(`branchynet build` does it ahead of time; `pip install --no-build-isolation .` "
               "builds it during the install)")
         return [], {}
-    require = bb.env_flag(bb.ENV_REQUIRE)
     attempts, why = bb.plan(jit=False)
     if not attempts:
         if require:

@@ -305,8 +305,12 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
         except (OSError, _cache.Untrusted) as err:
             _cache.warn_once(("root", os.path.dirname(folder)), "branchynet: not caching the build (%s)", err)
             folder = None
-    if folder is None:
-        return _compile(attempt, root, tempfile.mkdtemp(prefix=f"branchynet-{attempt['kind']}-"), name, why)
+    if folder is None:  # for this process only: nothing of it is kept (the module stays mapped)
+        scratch = tempfile.mkdtemp(prefix=f"branchynet-{attempt['kind']}-")
+        try:
+            return _compile(attempt, root, scratch, name, why)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     lock = _cache.Lock(folder + ".lock")
     lock.acquire(on_wait=lambda: log.warning(
         "branchynet: waiting for another process building the extension in %s", folder))

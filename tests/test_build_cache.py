@@ -286,6 +286,24 @@ def test_a_foreign_build_folder_is_left_alone_and_the_build_goes_to_a_fresh_one(
     assert _build.cached(src)[0] == rec["path"]  # the fresh folder is found next time
 
 
+def test_without_a_cache_the_build_is_for_this_process_only(cache, src, monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(_cache, "cache_root", lambda create=False: None)
+    places = []
+
+    def fake_load(n, sources, **kw):
+        places.append(kw["build_directory"])
+        (Path(kw["build_directory"]) / (n + SUFFIX)).write_bytes(b"\x7fELF scratch")
+        return f"new {n}"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert _build.build_dir(CPU, src)[0] is None
+    mod, rec = _build.jit_build(CPU, src, why="test")
+    assert mod.startswith("new ") and rec["sha256"] and not os.path.exists(places[0])
+    assert not cache.exists() and _build.cached(src) == (None, None)
+
+
 # --- end to end: no SIGBUS, no foreign code run ------------------------------------------------
 
 def _no_ext_checkout(tmp_path: Path) -> Path:
