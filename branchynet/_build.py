@@ -541,9 +541,9 @@ def load_extension(build_if_missing: bool):
             aot_error = f"{type(err).__name__}: {err}"
     except Exception as err:  # built for another torch (ABI), or a broken build
         aot_error = f"{type(err).__name__}: {err}"
-    if aot_error:
-        log.warning("branchynet: the installed extension does not load (%s); a just-in-time "
-                    "build replaces it", aot_error)
+    if aot_error:  # once: the import and the first use both come here
+        _cache.warn_once(("aot", aot_error), "branchynet: the installed extension does not load (%s); a "
+                         "just-in-time build replaces it", aot_error)
     mod, rec = cached()
     if mod is not None:
         _install_as_C(mod)
