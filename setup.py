@@ -55,7 +55,11 @@ def _load_build_module():
 def _extension():
     """(ext_modules, cmdclass) for this machine; never raises for a missing torch or CUDA."""
     bb = _load_build_module()
-    if bb.env_flag(bb.ENV_SKIP):
+    try:
+        skip, require = bb.env_flag(bb.ENV_SKIP), bb.env_flag(bb.ENV_REQUIRE)
+    except ValueError as err:  # a switch that is neither on nor off: say which
+        raise SystemExit(f"branchynet setup: {err}") from None
+    if skip:
         _note(f"{bb.ENV_SKIP} is set: building no extension (branchynet builds it on first use, "
               "or run `branchynet build`)")
         return [], {}
@@ -67,7 +71,6 @@ def _extension():
               "(`branchynet build` does it ahead of time; `pip install --no-build-isolation .` "
               "builds it during the install)")
         return [], {}
-    require = bb.env_flag(bb.ENV_REQUIRE)
     attempts, why = bb.plan(jit=False)
     if not attempts:
         if require:
@@ -133,7 +136,12 @@ def _extension():
             with open(out, "w") as fh:
                 # The sources' hash: a _C built from other sources is not loaded (its op
                 # registrations may clash with this package's, which would abort the process).
-                json.dump(bb.record(kind, "ahead of time", reason, source=bb.source_hash("csrc")), fh)
+                # Size and sha256 of the module: a truncated or replaced file is refused
+                # before it is mapped (a truncated one would be SIGBUS at import).
+                size, sha = bb.file_digest(self.get_ext_fullpath(ext.name))
+                json.dump(bb.record(kind, "ahead of time", reason, source=bb.source_hash("csrc"),
+                                    file=os.path.basename(self.get_ext_fullpath(ext.name)), size=size,
+                                    sha256=sha), fh)
 
         def copy_extensions_to_source(self):
             # --inplace / editable: the record goes beside the module it describes.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import branchynet as bn
+from branchynet._build import env_flag
 from branchynet.engine import EarlyExitEngine
 from branchynet.exits import entropy
 
@@ -80,18 +81,14 @@ SAMPLES_PER_ROUND = 32
 
 # --- environment ------------------------------------------------------------------------
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
-
-
 def full_scope() -> bool:
     """BRANCHYNET_BENCH_FULL=1: the whole grid on the CPU too (the CUDA default)."""
-    return _env_flag("BRANCHYNET_BENCH_FULL")
+    return env_flag("BRANCHYNET_BENCH_FULL")
 
 
 def compile_on_cpu() -> bool:
     """BRANCHYNET_BENCH_COMPILE_CPU=1: run the torch.compile providers on the CPU too."""
-    return _env_flag("BRANCHYNET_BENCH_COMPILE_CPU")
+    return env_flag("BRANCHYNET_BENCH_COMPILE_CPU")
 
 
 def bench_device() -> torch.device:

@@ -1,7 +1,7 @@
 """Building the compiled extension ``branchynet._C``: ahead of time and just in time.
 
-One plan for both, in one file (over 500 lines for that reason): ``setup.py`` loads this
-file by path (it imports nothing of the package, and torch only inside functions) to build the extension while installing when
+One plan for both, in one file: ``setup.py`` loads this file by path (it imports nothing
+of the package but its sibling files, and torch only inside functions) to build the extension while installing when
 torch is there at build time; :func:`load_extension` builds it on first use with
 ``torch.utils.cpp_extension.load`` (ninja) when it is not, from the sources shipped in
 the package (``branchynet/csrc`` in a wheel, ``csrc/`` in a source checkout).
@@ -9,24 +9,21 @@ the package (``branchynet/csrc`` in a wheel, ``csrc/`` in a source checkout).
 What each build needs, decided up front:
 
 - CUDA kernels (and the CPU ones): a torch built with CUDA, a C++ compiler, and a CUDA
-  toolkit whose ``nvcc`` has torch's CUDA major version (torch refuses to build across
-  major versions) and whose ``libcudart`` the linker can find. Without ``CUDA_HOME`` set,
-  torch takes the folder above the first ``nvcc`` on ``PATH``; a wrapper script there
-  (``/usr/local/bin/nvcc``) gives ``/usr/local``, which has no ``libcudart``, and the link
-  fails. So the toolkit is looked for in torch's guess, in the folder ``nvcc`` itself says
-  it runs from, and in ``/usr/local/cuda``. Just in time, the CUDA kernels are built only
-  where a GPU is visible: they cannot run otherwise, and nvcc costs minutes.
+  toolkit whose ``nvcc`` has torch's CUDA major version and whose ``libcudart`` the
+  linker can find (:mod:`branchynet._toolkit` finds it). Just in time, the CUDA kernels
+  are built only where a GPU is visible: they cannot run otherwise, and nvcc costs minutes.
 - CPU kernels only: torch and a C++ compiler. This is also the fallback when a CUDA build
   fails to compile or link.
 
-Environment variables:
+Environment variables (the switches take 0/1, false/true, off/on, no/yes: :func:`env_flag`):
 
 - ``BRANCHYNET_SKIP_EXT=1``: setup.py builds no extension.
 - ``BRANCHYNET_REQUIRE_EXT=1``: a build that fails, or falls back, is an error (CI sets
   it, so a broken extension fails the install instead of landing as a fallback).
 - ``BRANCHYNET_JIT=0``: no build on first use (the ``torch`` backend is used).
 - ``BRANCHYNET_CACHE``: where just-in-time builds are kept (default
-  ``~/.cache/branchynet``), one folder per torch version, Python, kind and source hash.
+  ``~/.cache/branchynet``), one folder per torch version, Python, kind and source hash;
+  what of it is loaded, and where it is without a home: :mod:`branchynet._cache`.
 """
 
 from __future__ import annotations
@@ -35,19 +32,42 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+
+
+
+def _sibling(name: str):
+    """``branchynet.<name>``, also when this file is loaded by path (setup.py, the build
+    subprocess: no package around it), then from the file beside it."""
+    import importlib
+    import importlib.util
+
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    spec = importlib.util.spec_from_file_location(
+        f"_branchynet{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_cache = _sibling("_cache")
+_toolkit = _sibling("_toolkit")
+cudart_dir, find_toolkit, _nvcc_release = _toolkit.cudart_dir, _toolkit.find_toolkit, _toolkit.nvcc_release
 
 log = logging.getLogger("branchynet.build")
 
 ENV_SKIP = "BRANCHYNET_SKIP_EXT"
 ENV_REQUIRE = "BRANCHYNET_REQUIRE_EXT"
 ENV_JIT = "BRANCHYNET_JIT"
-ENV_CACHE = "BRANCHYNET_CACHE"
+ENV_CACHE = _cache.ENV_CACHE
+file_digest = _cache.file_digest  # (size, sha256) of a module file: setup.py records it
 
 MODULE = "branchynet._C"
 RECORD = "_C_build.json"  # beside an ahead-of-time _C: which build was made and why
@@ -60,9 +80,21 @@ DEFAULT_CUDA_ARCH = "8.0;9.0"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def env_flag(name: str) -> bool:
-    """True when the variable is set to anything but empty or ``0``."""
-    return os.environ.get(name, "0") not in ("", "0")
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable: 1/true/on/yes or 0/false/off/no (any case);
+    ``default`` when unset or empty. Anything else is an error naming the variable (a
+    typo must not silently mean the opposite)."""
+    value = os.environ.get(name, "")
+    word = value.strip().lower()
+    if not word:
+        return default
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"environment variable {name} must be one of 0/1, false/true, off/on, no/yes, "
+                     f"got {value!r}")
 
 
 # --- sources ----------------------------------------------------------------------------
@@ -99,89 +131,6 @@ def source_hash(root: str) -> str:
 
 
 # --- the plan ---------------------------------------------------------------------------
-
-def _nvcc_release(nvcc: str) -> str | None:
-    """'13.0' from ``nvcc --version``, or None if it cannot be run or read."""
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+\.\d+)", out)
-    return m.group(1) if m else None
-
-
-def _nvcc_root(nvcc: str) -> str | None:
-    """The toolkit folder ``nvcc`` runs from (it may be a wrapper script elsewhere)."""
-    try:
-        # A dry run prints nvcc's variables without running anything: _HERE_ is its bin/.
-        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "c++", os.devnull], capture_output=True,
-                             text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
-    return os.path.dirname(m.group(1)) if m else None
-
-
-def cudart_dir(cuda_home: str) -> str | None:
-    """The folder torch links ``-lcudart`` from for this toolkit, if it holds a libcudart.
-
-    torch uses ``lib64``, or ``lib`` where there is no ``lib64`` (cpp_extension.library_paths).
-    """
-    lib = os.path.join(cuda_home, "lib64")
-    if not os.path.isdir(lib) and os.path.isdir(os.path.join(cuda_home, "lib")):
-        lib = os.path.join(cuda_home, "lib")
-    for name in ("libcudart.so", "libcudart.dylib", "cudart.lib", "libcudart_static.a"):
-        if os.path.exists(os.path.join(lib, name)):
-            return lib
-    return None
-
-
-def find_toolkit(torch_cuda: str, env=None, which=shutil.which):
-    """``(cuda_home, None)`` for a toolkit that can build against torch's CUDA, else
-    ``(None, why)``.
-
-    Args:
-        torch_cuda: torch's CUDA version, e.g. ``"13.0"``.
-        env: the environment to read CUDA_HOME / CUDA_PATH / PATH from (default os.environ).
-        which: ``shutil.which``-like lookup (tests pass their own PATH through env).
-    """
-    env = os.environ if env is None else env
-    explicit = env.get("CUDA_HOME") or env.get("CUDA_PATH")
-    if explicit:
-        candidates = [explicit]  # the user's choice: no guessing past it
-    else:
-        candidates = []
-        nvcc = which("nvcc", path=env.get("PATH"))
-        if nvcc:
-            candidates.append(os.path.dirname(os.path.dirname(nvcc)))  # torch's own guess
-            real = _nvcc_root(nvcc)
-            if real:
-                candidates.append(real)
-        candidates.append("/usr/local/cuda")
-    whys = []
-    seen = set()
-    for home in candidates:
-        key = os.path.realpath(home)
-        if key in seen:
-            continue
-        seen.add(key)
-        nvcc = os.path.join(home, "bin", "nvcc")
-        if not os.path.exists(nvcc):
-            whys.append(f"{home}: no bin/nvcc")
-            continue
-        release = _nvcc_release(nvcc)
-        if release is None:
-            whys.append(f"{home}: `nvcc --version` failed")
-            continue
-        if release.split(".")[0] != torch_cuda.split(".")[0]:
-            whys.append(f"{home}: nvcc is CUDA {release} but torch was built with CUDA {torch_cuda}")
-            continue
-        if cudart_dir(home) is None:
-            whys.append(f"{home}: CUDA {release} but no libcudart to link against in lib64/ or lib/")
-            continue
-        return home, None
-    return None, "no usable CUDA toolkit (" + "; ".join(whys) + ")" if whys else "no CUDA toolkit found"
-
 
 def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
@@ -240,12 +189,9 @@ def describe(rec: dict | None) -> str:
 
 # --- just in time -----------------------------------------------------------------------
 
-def cache_root() -> str:
-    base = os.environ.get(ENV_CACHE)
-    if not base:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                            "branchynet")
-    return base
+def cache_root() -> str | None:
+    """Where just-in-time builds are kept, or None (no usable cache): see :mod:`branchynet._cache`."""
+    return _cache.cache_root()
 
 
 def _cuda_arch_list() -> str:
@@ -257,21 +203,58 @@ def _cuda_arch_list() -> str:
     return ";".join(f"{a}.{b}" for a, b in caps) or os.environ.get("BRANCHYNET_CUDA_ARCH", DEFAULT_CUDA_ARCH)
 
 
-def build_dir(attempt: dict, root: str) -> tuple:
-    """``(folder, module name)`` of one just-in-time build: one per torch version, Python,
-    kind and hash of sources + flags + toolkit, so two versions never share a module."""
+def build_key(attempt: dict, root: str) -> dict:
+    """What a build of ``attempt`` from the sources in ``root`` is for, as its record must
+    name it: kind, torch, Python, the sources' hash, the flags (for CUDA also the toolkit
+    and architectures), and ``digest``, a hash of all of it that names its folder."""
     import torch
 
-    h = hashlib.sha256(source_hash(root).encode())
+    src = source_hash(root)
+    flags = {"cxx": CXX_FLAGS}
     key = [attempt["kind"], torch.__version__, sys.implementation.cache_tag, CXX_FLAGS]
     if attempt["kind"] == "cuda":
         nvcc = os.path.join(attempt["cuda_home"], "bin", "nvcc")
-        key += [NVCC_FLAGS, attempt["cuda_home"], _nvcc_release(nvcc), _cuda_arch_list()]
+        cuda = [NVCC_FLAGS, attempt["cuda_home"], _nvcc_release(nvcc), _cuda_arch_list()]
+        key += cuda
+        flags = {**flags, "nvcc": cuda}
+    h = hashlib.sha256(src.encode())
     h.update(json.dumps(key).encode())
-    digest = h.hexdigest()[:16]
-    folder = os.path.join(cache_root(), f"torch-{torch.__version__}-{sys.implementation.cache_tag}",
-                          f"{attempt['kind']}-{digest}")
-    return folder, f"branchynet_C_{attempt['kind']}_{digest}"
+    # Through JSON and back, as a record read from disk will have it (lists, not tuples).
+    return json.loads(json.dumps({"kind": attempt["kind"], "torch": torch.__version__,
+                                  "python": sys.implementation.cache_tag, "source": src, "flags": flags,
+                                  "digest": h.hexdigest()[:16]}))
+
+
+def _locate(attempt: dict, root: str, create: bool = False) -> tuple:
+    """``(folder or None, module name, key)``; the folder is None when there is no cache."""
+    key = build_key(attempt, root)
+    base = cache_root() if not create else _cache.cache_root(create=True)
+    name = f"branchynet_C_{attempt['kind']}_{key['digest']}"
+    if base is None:
+        return None, name, key
+    folder = os.path.join(base, f"torch-{key['torch']}-{key['python']}", f"{attempt['kind']}-{key['digest']}")
+    return folder, name, key
+
+
+def build_dir(attempt: dict, root: str) -> tuple:
+    """``(folder, module name)`` of one just-in-time build: one per torch version, Python,
+    kind and hash of sources + flags + toolkit, so two versions never share a module.
+    The folder is None when there is no usable cache. A build refused there is made in a
+    fresh sibling folder, ``<folder>-<random>`` (:func:`jit_build`)."""
+    folder, name, _ = _locate(attempt, root)
+    return folder, name
+
+
+def seal(attempt: dict, root: str, module_path: str, *, why: str = "", how: str = "just in time",
+         **extra) -> dict:
+    """The record of a finished build of ``module_path``: :func:`record` with the build's
+    key (:func:`build_key`) and the module file's name, size and sha256, which a later
+    load checks before mapping the file."""
+    key = build_key(attempt, root)
+    size, sha = _cache.file_digest(module_path)
+    return {**record(attempt["kind"], how, why, **extra), **key, "path": os.path.dirname(module_path),
+            "module": f"branchynet_C_{attempt['kind']}_{key['digest']}",
+            "file": os.path.basename(module_path), "size": size, "sha256": sha}
 
 
 def _import_built(folder: str, name: str):
@@ -279,40 +262,13 @@ def _import_built(folder: str, name: str):
 
     import torch  # noqa: F401  (the module links against libtorch, loaded by torch)
 
-    for f in os.listdir(folder):
-        if f.startswith(name + ".") and f.endswith((".so", ".pyd")):
-            spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f))
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-    raise ImportError(f"no built module {name} in {folder}")
-
-
-class _Lock:
-    """An exclusive lock on ``path``, released by the OS if the holder dies (fcntl), so a
-    build killed halfway never leaves the next process waiting forever."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fh = None
-
-    def acquire(self, on_wait=None) -> None:
-        self.fh = open(self.path, "a+")
-        try:
-            import fcntl
-        except ImportError:  # Windows: torch's own file baton in the build folder serialises
-            return
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(self.fh, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        if self.fh is not None:
-            self.fh.close()  # closing drops the flock
-            self.fh = None
+    path = _cache.module_file(folder, name)
+    if path is None:
+        raise ImportError(f"no built module {name} in {folder}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _ninja_on_path() -> None:
@@ -338,66 +294,91 @@ def jit_build(attempt: dict, root: str, *, force: bool = False, why: str = ""):
     on a failed build, after writing the compiler's output to ``<folder>/failed.log``.
 
     Safe when several processes start at once on an empty cache: one builds under the
-    lock, the others wait for it and load its module.
+    lock, the others wait for it and load its module. A cached build that fails the
+    checks of :func:`branchynet._cache.check_build` is never loaded: it is rebuilt in a
+    fresh folder. Without a usable cache the build goes to a private temporary folder.
     """
-    folder, name = build_dir(attempt, root)
-    os.makedirs(folder, exist_ok=True)
-    done = os.path.join(folder, "built.json")
-    failed = os.path.join(folder, "failed.log")
-    lock = _Lock(os.path.join(folder, "branchynet.lock"))
+    folder, name, key = _locate(attempt, root, create=True)
+    if folder is not None:
+        try:
+            _cache.make_private_dir(os.path.dirname(folder))
+        except (OSError, _cache.Untrusted) as err:
+            _cache.warn_once(("root", os.path.dirname(folder)), "branchynet: not caching the build (%s)", err)
+            folder = None
+    if folder is None:  # for this process only: nothing of it is kept (the module stays mapped)
+        scratch = tempfile.mkdtemp(prefix=f"branchynet-{attempt['kind']}-")
+        try:
+            return _compile(attempt, root, scratch, name, why)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    lock = _cache.Lock(folder + ".lock")
     lock.acquire(on_wait=lambda: log.warning(
         "branchynet: waiting for another process building the extension in %s", folder))
     try:
-        if force:  # a rebuild from scratch: ninja would find its old outputs up to date
-            for f in os.listdir(folder):
-                path = os.path.join(folder, f)
-                if f != "branchynet.lock":
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if os.path.exists(done):
-            with open(done) as fh:
-                rec = json.load(fh)
-            return _import_built(folder, name), rec
-        if os.path.exists(failed) and not force:
-            raise RuntimeError(f"an earlier build failed (see {failed}; `branchynet build` retries)")
-        import torch
-        from torch.utils import cpp_extension
-
-        kind = "CUDA + CPU" if attempt["kind"] == "cuda" else "CPU"
-        log.warning("branchynet: building the compiled exit-op kernels (%s) for torch %s on first "
-                    "use, once (about a minute on 2 cores; %s); cached in %s. `branchynet build` "
-                    "does this ahead of time, %s=0 turns it off.",
-                    kind, torch.__version__, why, folder, ENV_JIT)
-        stale = os.path.join(folder, "lock")  # torch's baton, left by a killed build
-        if os.path.exists(stale):
-            os.remove(stale)
-        _ninja_on_path()
-        cuda = attempt["kind"] == "cuda"
-        if cuda:
-            use_toolkit(attempt["cuda_home"])
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
-        t0 = time.perf_counter()
-        try:
-            mod = cpp_extension.load(
-                name, sources(root, cuda),
-                extra_cflags=CXX_FLAGS + (["-DBRANCHYNET_WITH_CUDA"] if cuda else []),
-                extra_cuda_cflags=NVCC_FLAGS if cuda else None, build_directory=folder,
-                with_cuda=cuda, verbose=False)
-        except BaseException as err:
-            with open(failed, "w") as fh:
-                fh.write(f"{type(err).__name__}: {err}\n")
-            raise
-        rec = record(attempt["kind"], "just in time", why, path=folder, module=name,
-                     source=source_hash(root), seconds=round(time.perf_counter() - t0, 1))
-        tmp = done + f".{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(rec, fh)
-        os.replace(tmp, done)
-        if os.path.exists(failed):
-            os.remove(failed)
-        log.warning("branchynet: built in %.0f s", rec["seconds"])
-        return mod, rec
+        if not force:
+            found = _cache.find_valid(folder, name, key)
+            mod = _load_valid(os.path.dirname(found[0]), name) if found is not None else None
+            if mod is not None:
+                return mod, found[1]
+            failed = os.path.join(folder, "failed.log")
+            try:
+                _cache.check_dir(folder)
+                if os.path.exists(failed) and not os.path.lexists(os.path.join(folder, _cache.DONE)):
+                    raise RuntimeError(f"an earlier build failed (see {failed}; `branchynet build` retries)")
+            except (OSError, _cache.Untrusted):
+                pass  # missing, or not ours: a fresh folder
+        return _compile(attempt, root, _cache.fresh_folder(folder, force), name, why)
     finally:
         lock.release()
+
+
+def _compile(attempt: dict, root: str, folder: str, name: str, why: str) -> tuple:
+    """Compile and load ``attempt`` in ``folder`` (ours, private); seal it with its record."""
+    import torch
+    from torch.utils import cpp_extension
+
+    failed = os.path.join(folder, "failed.log")
+    kind = "CUDA + CPU" if attempt["kind"] == "cuda" else "CPU"
+    log.warning("branchynet: building the compiled exit-op kernels (%s) for torch %s on first "
+                "use, once (about a minute on 2 cores; %s); cached in %s. `branchynet build` "
+                "does this ahead of time, %s=0 turns it off.",
+                kind, torch.__version__, why, folder, ENV_JIT)
+    stale = os.path.join(folder, "lock")  # torch's baton, left by a killed build
+    if os.path.exists(stale):
+        os.remove(stale)
+    _ninja_on_path()
+    cuda = attempt["kind"] == "cuda"
+    if cuda:
+        use_toolkit(attempt["cuda_home"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
+    t0 = time.perf_counter()
+    try:
+        mod = cpp_extension.load(
+            name, sources(root, cuda),
+            extra_cflags=CXX_FLAGS + (["-DBRANCHYNET_WITH_CUDA"] if cuda else []),
+            extra_cuda_cflags=NVCC_FLAGS if cuda else None, build_directory=folder,
+            with_cuda=cuda, verbose=False)
+    except BaseException as err:
+        with open(failed, "w") as fh:
+            fh.write(f"{type(err).__name__}: {err}\n")
+        raise
+    so = _cache.module_file(folder, name)
+    if so is None:
+        raise RuntimeError(f"the build of {name} left no module file in {folder}")
+    for dirpath, dirnames, files in os.walk(folder):  # whatever the umask: nobody else writes here
+        for p in [dirpath] + [os.path.join(dirpath, f) for f in files]:
+            if not os.path.islink(p):
+                os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) & ~0o022)
+    rec = seal(attempt, root, so, why=why, seconds=round(time.perf_counter() - t0, 1))
+    done = os.path.join(folder, _cache.DONE)
+    tmp = done + f".{os.getpid()}"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as fh:
+        json.dump(rec, fh)
+    os.replace(tmp, done)  # last: a record names a finished build
+    if os.path.exists(failed):
+        os.remove(failed)
+    log.warning("branchynet: built in %.0f s", rec["seconds"])
+    return mod, rec
 
 
 def _first_line(err: BaseException) -> str:
@@ -459,17 +440,28 @@ def cached(root: str | None = None):
         return None, None
     attempts, _ = plan(jit=True)
     for attempt in attempts or [{"kind": "cpu", "cuda_home": None}]:
-        folder, name = build_dir(attempt, root)
-        try:
-            with open(os.path.join(folder, "built.json")) as fh:
-                rec = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        try:
-            return _import_built(folder, name), rec
-        except Exception as err:  # a cache entry that does not load: rebuilt on first use
-            log.debug("branchynet: cached build in %s not loaded (%s)", folder, err)
+        folder, name, key = _locate(attempt, root)
+        found = _cache.find_valid(folder, name, key) if folder is not None else None
+        if found is not None:
+            mod = _load_valid(os.path.dirname(found[0]), name)
+            if mod is not None:
+                return mod, found[1]
     return None, None
+
+
+def _load_valid(folder: str, name: str):
+    """Import a build that passed the checks, or None: one that still does not load (a
+    link error) loses its record, so that the first use rebuilds it."""
+    try:
+        return _import_built(folder, name)
+    except Exception as err:
+        _cache.warn_once(("build", folder), "branchynet: the cached build in %s does not load (%s); it is "
+                         "rebuilt on first use", folder, _first_line(err))
+        try:
+            os.remove(os.path.join(folder, _cache.DONE))
+        except OSError:
+            pass
+        return None
 
 
 # --- what the package uses --------------------------------------------------------------
@@ -538,6 +530,9 @@ def load_extension(build_if_missing: bool):
             # Nor one built from other sources (a checkout updated without a rebuild): an
             # older _C defines the op schemas itself, and two definitions abort the process.
             raise ImportError(f"branchynet._C was built from {stale}")
+        damaged = _cache.check_module(spec.origin, rec)
+        if damaged:  # mapping a truncated file is SIGBUS, not an ImportError
+            raise ImportError(f"branchynet._C is damaged: {damaged}")
         mod = importlib.import_module(MODULE)
         _STATE["record"] = rec or record("cuda" if mod.has_cuda() else "cpu", "ahead of time", "")
         return mod, None
@@ -546,9 +541,9 @@ def load_extension(build_if_missing: bool):
             aot_error = f"{type(err).__name__}: {err}"
     except Exception as err:  # built for another torch (ABI), or a broken build
         aot_error = f"{type(err).__name__}: {err}"
-    if aot_error:
-        log.warning("branchynet: the installed extension does not load (%s); a just-in-time "
-                    "build replaces it", aot_error)
+    if aot_error:  # once: the import and the first use both come here
+        _cache.warn_once(("aot", aot_error), "branchynet: the installed extension does not load (%s); a "
+                         "just-in-time build replaces it", aot_error)
     mod, rec = cached()
     if mod is not None:
         _install_as_C(mod)
@@ -560,9 +555,10 @@ def load_extension(build_if_missing: bool):
     with _JIT_LOCK:  # one build per process: a second thread waits for the first one's result
         if _STATE["jit_tried"]:
             return _STATE["jit"] or (None, missing)
-        if os.environ.get(ENV_JIT, "1").strip() == "0":
-            _STATE["record"] = record(None, "just in time", f"turned off by {ENV_JIT}=0")
-            return None, f"{missing}; just-in-time build turned off by {ENV_JIT}=0"
+        if not env_flag(ENV_JIT, default=True):
+            off = f"turned off by {ENV_JIT}={os.environ[ENV_JIT].strip()}"
+            _STATE["record"] = record(None, "just in time", off)
+            return None, f"{missing}; just-in-time build {off}"
         mod, rec = build()
         _STATE["record"] = rec
         if mod is None:

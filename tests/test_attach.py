@@ -8,7 +8,6 @@ missing torchvision fails them instead.
 """
 
 import copy
-import os
 
 import pytest
 import torch
@@ -25,9 +24,10 @@ from branchynet.models.attach import (
     pool_linear_branch,
     token_branch,
 )
+from branchynet._build import env_flag
 from branchynet.train import train
 
-REQUIRE_TORCHVISION = os.environ.get("BRANCHYNET_REQUIRE_TORCHVISION", "") not in ("", "0")
+REQUIRE_TORCHVISION = env_flag("BRANCHYNET_REQUIRE_TORCHVISION")
 
 
 def _torchvision():

@@ -3,7 +3,6 @@ call synchronises with the host only at the survivor-count read-backs."""
 
 import copy
 import importlib.util
-import os
 import warnings
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 import branchynet as bn
 from branchynet import EarlyExitEngine, entropy
+from branchynet._build import env_flag
 from branchynet.ops import _verify, available_backends
 
 from test_engine import random_model, rule_by_hand
@@ -26,7 +26,7 @@ def _need(backend):
     # On a GPU machine a missing fused backend is a broken build, not a reason to skip
     # (every case would then skip and the suite pass with no kernel run), unless it is
     # declared: BRANCHYNET_EXPECT_NO_CUDA_EXT=1, or Triton not installed.
-    if backend == "cuda" and os.environ.get("BRANCHYNET_EXPECT_NO_CUDA_EXT") == "1":
+    if backend == "cuda" and env_flag("BRANCHYNET_EXPECT_NO_CUDA_EXT"):
         pytest.skip("BRANCHYNET_EXPECT_NO_CUDA_EXT=1")
     if backend == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")

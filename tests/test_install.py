@@ -227,17 +227,24 @@ def test_cached_loads_only_the_folder_of_the_current_plan(tmp_path, monkeypatch)
     monkeypatch.setenv(_build.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.setattr(_build, "plan", lambda jit, env=None: ([{"kind": "cpu", "cuda_home": None}], "test"))
     src = str(_copy_checkout(tmp_path / "src") / "csrc")
-    folder, name = _build.build_dir({"kind": "cpu", "cuda_home": None}, src)
+    cpu = {"kind": "cpu", "cuda_home": None}
+    folder, name = _build.build_dir(cpu, src)
+
+    def finished(where: Path, module: str) -> dict:
+        """A build sealed as jit_build seals it (tests/test_build_cache.py checks the seal)."""
+        where.mkdir(parents=True, mode=0o700)
+        so = where / f"{module}.so"
+        so.write_bytes(b"\x7fELF " + module.encode())
+        rec = {**_build.seal(cpu, src, str(so)), "module": module}
+        (where / "built.json").write_text(json.dumps(rec))
+        return rec
+
     other = Path(folder).parent / "cpu-0123456789abcdef"
-    other.mkdir(parents=True)
-    rec = {"kind": "cpu", "how": "just in time", "source": _build.source_hash(src),
-           "module": "branchynet_C_cpu_0123456789abcdef"}
-    (other / "built.json").write_text(json.dumps(rec))
+    finished(other, "branchynet_C_cpu_0123456789abcdef")
     loaded = []
     monkeypatch.setattr(_build, "_import_built", lambda f, n: loaded.append((f, n)) or f"module {n}")
     assert _build.cached(src) == (None, None) and loaded == []
-    Path(folder).mkdir()
-    (Path(folder) / "built.json").write_text(json.dumps({**rec, "module": name}))
+    finished(Path(folder), name)
     mod, got = _build.cached(src)
     assert loaded == [(folder, name)] and mod == f"module {name}" and got["module"] == name
 
@@ -258,11 +265,12 @@ def test_a_forced_build_rebuilds_from_scratch(tmp_path, monkeypatch):
 
     def fake_load(n, sources, **kw):
         seen.append(sorted(os.listdir(kw["build_directory"])))
+        (Path(kw["build_directory"]) / f"{n}.so").write_text("the new build")
         return f"new {n}"
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     mod, rec = _build.jit_build(cpu, src, force=True)
-    assert mod == f"new {name}" and seen == [["branchynet.lock"]]
+    assert mod == f"new {name}" and seen == [[]]
     assert json.loads((Path(folder) / "built.json").read_text())["source"] == _build.source_hash(src)
 
 
@@ -432,6 +440,9 @@ def test_jit_build_two_processes_on_an_empty_cache(tmp_path):
     assert Path(got[0]["module"]).is_relative_to(tmp_path / "cache")
     for g in got:
         assert g["same"] and g["record"]["kind"] == "cpu" and g["record"]["how"] == "just in time"
+        # Sealed: the next load checks the module file against these before mapping it.
+        assert Path(g["module"]).name == g["record"]["file"]
+        assert (g["record"]["size"], g["record"]["sha256"]) == _build.file_digest(g["module"])
     third = _run([sys.executable, "-c", JIT_PROBE], src, {_build.ENV_CACHE: str(tmp_path / "cache")}, 120)
     assert third.returncode == 0 and "building" not in third.stderr, third.stderr
     assert _probe(third)["module"] == got[0]["module"]
@@ -499,7 +510,9 @@ def test_an_extension_built_for_another_torch_is_not_imported(tmp_path, change, 
         shutil.copytree(root / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
     rec = copy / "branchynet" / _build.RECORD
     old = json.loads(rec.read_text()) if rec.exists() else {"source": _build.source_hash(str(copy / "csrc"))}
-    new = {k: v for k, v in {**old, **change}.items() if v is not None}
+    # This torch unless the case changes it: under another torch than the _C's (the
+    # second CI step) the torch check would come first and hide the reason under test.
+    new = {k: v for k, v in {**old, "torch": torch.__version__, **change}.items() if v is not None}
     rec.write_text(json.dumps(new))
     code = """
 import json, sys

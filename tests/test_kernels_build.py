@@ -10,7 +10,6 @@ behaviour on every backend is in tests/test_ops.py.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from branchynet import _build
 
 try:
     from branchynet import _C
@@ -127,7 +128,7 @@ def test_gxx_compiles_op_library(tmp_path):
 def test_gpu_machine_has_the_cuda_kernels():
     # Without this, a GPU machine whose build fell back to CPU-only would skip every
     # CUDA case of tests/test_ops.py and pass. BRANCHYNET_EXPECT_NO_CUDA_EXT=1 says the fallback is meant.
-    if os.environ.get("BRANCHYNET_EXPECT_NO_CUDA_EXT") == "1":
+    if _build.env_flag("BRANCHYNET_EXPECT_NO_CUDA_EXT"):
         pytest.skip("BRANCHYNET_EXPECT_NO_CUDA_EXT=1: a CPU-only extension is expected")
     assert _C is not None, "branchynet._C is not importable on a GPU machine"
     assert _C.has_cuda(), "branchynet._C was built without CUDA on a GPU machine: every CUDA test skips"

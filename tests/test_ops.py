@@ -157,6 +157,24 @@ def test_rows_outside_the_buffers_are_an_error_on_every_backend(device, backend,
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["op", "harness"])
+def test_duplicate_rows_and_a_negative_exit_index_are_errors(device, backend, entry):
+    # Two rows writing the same output row race on a GPU (which one wins is undefined),
+    # and a negative exit index reads as "no exit" downstream: both refused, nothing written.
+    step = exit_step if entry == "op" else testing.backend_impl(backend)[0]
+    kw = {"backend": backend} if entry == "op" else {}
+    out = poisoned_buffers(4, 4, torch.float32, device)
+    logits = torch.randn(3, 4, device=device)
+    with pytest.raises(ValueError, match=r"rows must be unique, got 2 twice"):
+        step(logits, torch.tensor([2, 0, 2], device=device), 10.0, 1, *out, **kw)
+    with pytest.raises(ValueError, match=r"exit_index must be an integer >= 0, got -1"):
+        step(logits, torch.arange(3, device=device), 10.0, -1, *out, **kw)
+    with pytest.raises(TypeError, match=r"exit_index must be an integer"):
+        step(logits, torch.arange(3, device=device), 10.0, 1.5, *out, **kw)
+    assert (out[2] == POISON["exit"]).all(), "nothing may be written before the error"
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_gather_index_outside_the_features_is_an_error_on_every_backend(device, backend):
     with pytest.raises(ValueError, match=r"index must be in \[0, 3\), got \[3\]"):
         gather_rows(torch.zeros(3, 2, device=device), torch.tensor([0, 3], device=device), backend=backend)

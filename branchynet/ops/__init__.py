@@ -15,6 +15,7 @@ The ops as torch sees them (schemas, fakes, which kernel serves which device) ar
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
@@ -93,10 +94,19 @@ def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, ou
     if not out_logits.is_contiguous():
         raise ValueError("out_logits must be contiguous")
     # A row outside the buffers is a device-side assert on CUDA (the context dies) and an
-    # out-of-bounds write in Triton: refuse it here, on every device (one read-back).
-    if k and bool(((rows < 0) | (rows >= b)).any()):
-        bad = rows[(rows < 0) | (rows >= b)][:3].tolist()
-        raise ValueError(f"rows must index the B = {b} rows of the output buffers, got {bad}")
+    # out-of-bounds write in Triton; two equal rows race for one output row on a GPU.
+    # Refuse both here, on every device, with one read-back for the two tests.
+    if k:
+        outside = (rows < 0) | (rows >= b)
+        ordered = rows.sort().values
+        same = ordered[1:] == ordered[:-1]
+        any_outside, any_same = torch.stack([outside.any(), same.any()]).tolist()
+        if any_outside:
+            raise ValueError(f"rows must index the B = {b} rows of the output buffers, got "
+                             f"{rows[outside][:3].tolist()}")
+        if any_same:
+            twice = ordered[1:][same].unique()[:3].tolist()
+            raise ValueError(f"rows must be unique, got {', '.join(map(str, twice))} twice")
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be one number, got a tensor of shape {tuple(threshold.shape)}")
@@ -106,6 +116,19 @@ def _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, ou
     if math.isnan(threshold) or threshold < 0:
         raise ValueError(f"threshold must be >= 0 and not NaN, got {threshold}")
     return float(threshold)
+
+
+def _check_exit_index(exit_index) -> int:
+    # A negative index reads as "no exit" to whoever reads out_exit.
+    if isinstance(exit_index, bool):
+        raise TypeError("exit_index must be an integer >= 0, got a bool")
+    try:
+        index = operator.index(exit_index)
+    except TypeError:
+        raise TypeError(f"exit_index must be an integer >= 0, got {type(exit_index).__name__}") from None
+    if index < 0:
+        raise ValueError(f"exit_index must be an integer >= 0, got {index}")
+    return index
 
 
 def exit_step(
@@ -132,11 +155,11 @@ def exit_step(
 
     Args:
         logits: [K, C] fp32/fp16/bf16, this exit's logits for the rows in flight.
-        rows: [K] int64, original batch row of each of the K rows (unique), in
+        rows: [K] int64, original batch row of each of the K rows, unique and in
             ``[0, B)``: checked here (one host read-back on a GPU; the engine's bound op,
             :func:`bind`, skips it).
         threshold: T >= 0 for this exit (ignored when ``last``).
-        exit_index: 0-based index of this exit, written to ``out_exit``.
+        exit_index: 0-based index of this exit (an integer >= 0), written to ``out_exit``.
         out_logits: [B, C] contiguous, same dtype as ``logits``.
         out_pred, out_exit: [B] int64. out_entropy: [B] float32.
         criterion: ``"entropy"`` (the paper's), ``"max_prob"`` or ``"margin"``.
@@ -153,8 +176,9 @@ def exit_step(
         unspecified for the fused kernels (the torch backend keeps input order).
     """
     threshold = _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, out_entropy)
+    exit_index = _check_exit_index(exit_index)
     step = implementation(resolve_backend(backend, logits.device))[0]
-    return step(logits, rows, threshold, int(exit_index), out_logits, out_pred, out_exit, out_entropy,
+    return step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
                 criterion=criterion_id(criterion), last=bool(last))
 
 

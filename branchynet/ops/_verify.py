@@ -15,11 +15,12 @@ The samples, buffers and comparisons are the verification harness's
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 
 import torch
+
+from .._build import env_flag
 
 __all__ = ["ENV", "passes", "compare_exit_step", "compare_gather", "compare_bound", "quick_check", "reset"]
 
@@ -60,7 +61,7 @@ def reset() -> None:
 def passes(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` gave the reference's answers on ``device`` in this process
     (checked on the first call, then remembered). ``torch`` is the reference itself."""
-    if backend == "torch" or os.environ.get(ENV, "1").strip() == "0":
+    if backend == "torch" or not env_flag(ENV, default=True):
         return True
     if torch.compiler.is_compiling():  # never run (or trace) the check inside a graph
         return True
