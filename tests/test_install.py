@@ -57,12 +57,19 @@ def _python(code, cwd, env=None, timeout=BUILD_TIMEOUT_S):
 
 # --- layout: kernels/ and csrc/ as branchynet.kernels and branchynet/csrc -----------------
 
+def _not_ours(origin, root: Path) -> bool:
+    """A top-level ``kernels`` or ``csrc`` module found by the probe is not one that our
+    install put under ``root`` (another distribution may own the name: Hugging Face's
+    ``kernels`` comes with transformers)."""
+    return origin is None or not Path(origin).resolve().is_relative_to(root.resolve())
+
+
 LAYOUT_PROBE = """
 import importlib.util, json, branchynet, branchynet.kernels as k
 from branchynet import _build
 print(json.dumps({"pkg": branchynet.__file__, "kernels": k.__file__, "csrc": _build.csrc_dir(),
-                  "top_kernels": importlib.util.find_spec("kernels") is not None,
-                  "top_csrc": importlib.util.find_spec("csrc") is not None}))
+                  "top_kernels": getattr(importlib.util.find_spec("kernels"), "origin", None),
+                  "top_csrc": getattr(importlib.util.find_spec("csrc"), "origin", None)}))
 """
 
 
@@ -99,7 +106,7 @@ def test_layout_from_a_wheel(tmp_path):
     assert Path(got["pkg"]) == site / "branchynet" / "__init__.py"
     assert Path(got["kernels"]) == site / "branchynet" / "kernels" / "__init__.py"
     assert Path(got["csrc"]) == site / "branchynet" / "csrc"
-    assert not got["top_kernels"] and not got["top_csrc"]
+    assert _not_ours(got["top_kernels"], site) and _not_ours(got["top_csrc"], site)
 
 
 def _installed_here():
@@ -135,7 +142,7 @@ def test_layout_from_an_editable_install(tmp_path):
     assert Path(got["pkg"]) == src / "branchynet" / "__init__.py"
     assert Path(got["kernels"]) == src / "kernels" / "__init__.py"
     assert Path(got["csrc"]) == src / "csrc"
-    assert not got["top_kernels"] and not got["top_csrc"]
+    assert _not_ours(got["top_kernels"], src) and _not_ours(got["top_csrc"], src)
 
 
 # --- the build plan -----------------------------------------------------------------------
