@@ -190,3 +190,23 @@ def test_an_inplace_op_on_a_cuts_output_trains(how, freeze):
         assert torch.allclose(a, b)
     for p, q in zip(net.branches[0].parameters(), ref.branches[0].parameters()):
         assert p.grad is not None and torch.allclose(p.grad, q.grad)
+
+
+class CountsInPython(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_forward_changing_python_state_is_refused_and_the_state_put_back():
+    # Tracing ran the increment (twice: train and eval graphs); the stages never would.
+    model = CountsInPython()
+    with pytest.raises(ValueError, match=r"tracing CountsInPython changed calls \(0 -> 2\) \(put back\)"):
+        attach_exits(model, ["a"], example_input=x_batch())
+    assert model.calls == 0

@@ -234,3 +234,17 @@ def test_fold_temperature_checks_an_example_with_a_nan_row():
     assert fold_temperature(model, [2.0, 3.0, 1.5], x) == [2.0, 3.0, 1.5]
     for a, b, t in zip(z0, model(x), [2.0, 3.0, 1.5]):
         assert torch.allclose(b[[0, 1, 3]], a[[0, 1, 3]] / t, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupt_after_folding_puts_the_weights_back(monkeypatch):
+    from branchynet.calibrate import temperature as temp_mod
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(temp_mod, "expected_calibration_error", boom)  # runs after the fold
+    model = small_model()
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, dataset(), temperature=True)
+    assert same_state(model, before)

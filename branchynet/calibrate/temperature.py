@@ -239,7 +239,11 @@ def _scale(model: BranchyNet, val, *, batch_size: int, device):
     check_split(torch.stack([z.isnan().any(1) for z in logits]), y, logits[0].shape[1])
     temps = [fit_temperature(z, y) for z in logits]
     saved = _snapshot(model)
-    temps = fold_temperature(model, temps, _first_inputs(val, 256).to(device))
-    ece = {"before": [expected_calibration_error(z, y) for z in logits],
-           "after": [expected_calibration_error(z.double() / t, y) for z, t in zip(logits, temps)]}
+    try:
+        temps = fold_temperature(model, temps, _first_inputs(val, 256).to(device))
+        ece = {"before": [expected_calibration_error(z, y) for z in logits],
+               "after": [expected_calibration_error(z.double() / t, y) for z, t in zip(logits, temps)]}
+    except BaseException:
+        _restore(saved)
+        raise
     return temps, ece, saved

@@ -26,7 +26,7 @@ from ..config import ExitConfig
 from .branches import (BranchFactory, auto_branch, conv_branch, linear_branch, pool_linear_branch,
                        token_branch)
 from .branchynet import BranchyNet
-from .fx_checks import preserved_buffers
+from .fx_checks import preserved_state
 from .fx_cut import ancestors, copy_stage_input, cut_stages
 
 __all__ = [
@@ -171,7 +171,7 @@ def _stage_outputs(model, stages, example_input, cuts, copied: list) -> list:
     try:
         for st in stages:
             st.eval()
-        with torch.no_grad(), preserved_buffers(model):
+        with torch.no_grad(), preserved_state(model):
             h = example_input
             for s, st in enumerate(stages):
                 version = h._version if isinstance(h, torch.Tensor) else None

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 __all__ = ["check_no_state_updates", "python_state_reads", "FrozenPythonState", "copy_input_if_modified",
-           "preserved_buffers"]
+           "preserved_state"]
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
@@ -240,13 +240,15 @@ def copy_input_if_modified(graph: fx.Graph, modules: dict, force: bool = False) 
     return True
 
 
-class preserved_buffers:
-    """Context manager: the model's buffers as they were on entry, restored on exit where
-    something changed them in place (seen by the version counter); ``changed`` lists
-    their names."""
+class preserved_state:
+    """Context manager: the model's buffers and plain Python attributes as they were on
+    entry, put back on exit where something changed them (buffers: seen by their version
+    counter; ``training`` is the caller's). ``changed`` lists what was put back."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved = [(name, b, b._version, b.detach().clone()) for name, b in model.named_buffers()]
+        self.buffers = [(name, b, b._version, b.detach().clone()) for name, b in model.named_buffers()]
+        self.attrs = [(mod, f"{name}.{k}" if name else k, k, v) for name, mod in model.named_modules()
+                      for k, v in vars(mod).items() if k != "training" and isinstance(v, _PLAIN)]
         self.changed: list = []
 
     def __enter__(self):
@@ -254,7 +256,12 @@ class preserved_buffers:
 
     def __exit__(self, *exc) -> None:
         with torch.no_grad():
-            for name, b, version, copy in self.saved:
+            for name, b, version, copy in self.buffers:
                 if b._version != version:
                     self.changed.append(name)
                     b.copy_(copy)
+        for mod, name, k, v in self.attrs:
+            now = mod.__dict__.get(k, v)
+            if now is not v and now != v:
+                self.changed.append(f"{name} ({v!r} -> {now!r})")
+                mod.__dict__[k] = v

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from torch import fx, nn
 
-from .fx_checks import (FrozenPythonState, check_no_state_updates, copy_input_if_modified, preserved_buffers,
+from .fx_checks import (FrozenPythonState, check_no_state_updates, copy_input_if_modified, preserved_state,
                         python_state_reads)
 
 __all__ = ["cut_stages"]
@@ -31,7 +31,8 @@ def cut_stages(model: nn.Module, cuts: list, leaf_modules: tuple) -> list:
     What the trace cannot show (:mod:`.fx_checks`): a forward updating a buffer in place
     is refused; a Python attribute read by a condition is guarded by the first stage; a
     stage modifying its cut's output in place gets its own copy of it. Tracing leaves the
-    model's buffers as they were.
+    model's buffers and Python attributes as they were; a forward that changes them while
+    traced is refused.
 
     Raises:
         ValueError: a cut that is missing, runs twice, is out of order, or is not the only
@@ -40,7 +41,7 @@ def cut_stages(model: nn.Module, cuts: list, leaf_modules: tuple) -> list:
         RuntimeError: torch.fx cannot trace the model.
     """
     graphs, traced = {}, []
-    with preserved_buffers(model) as kept:
+    with preserved_state(model) as kept:
         for mode in (True, False):
             g = _trace(model, cuts, leaf_modules, training=mode)
             check_no_state_updates(g, model)
@@ -48,9 +49,10 @@ def cut_stages(model: nn.Module, cuts: list, leaf_modules: tuple) -> list:
             graphs[mode] = _split(g, _cut_nodes(g, cuts), cuts)
     if kept.changed:
         raise ValueError(
-            f"attach_exits: tracing {type(model).__name__} changed its buffers {kept.changed} (put back): "
-            f"its forward modifies tensors torch.fx does not record; keep the modules that do it whole "
-            f"with leaf_modules=, or cut the model by hand with branchynet.from_stages")
+            f"attach_exits: tracing {type(model).__name__} changed {', '.join(kept.changed)} (put back): "
+            f"its forward changes state that torch.fx does not record (it runs that Python once, "
+            f"while tracing); keep the modules that do it whole with leaf_modules=, or cut the model "
+            f"by hand with branchynet.from_stages")
     modules = dict(model.named_modules())
     for stage_graphs in graphs.values():
         for g in stage_graphs[1:]:  # a stage that modifies the cut's output in place gets its own copy
