@@ -271,7 +271,8 @@ def no_work(monkeypatch):
     (["bench", "x.pt", "--device", "gpu"], "argument --device: 'gpu' is not a device name"),
     (["selftest", "--device", "gpu"], "argument --device: 'gpu' is not a device name"),
     (["train", "--device", "cuda:99"], "argument --device: device unavailable: 'cuda:99' ("),
-    (["bench", "x.pt", "--backend", "gpu"], "argument --backend: expected auto or one of cuda, triton, cpp, torch, got 'gpu'"),
+    (["bench", "x.pt", "--backend", "gpu"],
+     "argument --backend: expected auto or one of cuda, triton, cpp, torch, got 'gpu'"),
     (["demo", "--backend", "gpu"], "argument --backend: expected auto or one of"),
     (["selftest", "--backend", "gpu"], "argument --backend: expected one of cuda, triton, cpp, torch, got 'gpu'"),
 ])

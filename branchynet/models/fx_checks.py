@@ -102,8 +102,11 @@ def _owner(node: fx.Node) -> str:
 
 
 def _describe(model: nn.Module, name: str) -> str:
-    mod = model.get_submodule(name)
-    return f"'{name}' ({type(mod).__name__})" if name else f"the model ({type(mod).__name__})"
+    try:
+        kind = type(model.get_submodule(name)).__name__
+    except AttributeError:  # a name the stack holds that is not a submodule (any more)
+        return f"'{name}'"
+    return f"'{name}' ({kind})" if name else f"the model ({kind})"
 
 
 def check_no_state_updates(graph: fx.Graph, model: nn.Module) -> None:
@@ -170,7 +173,10 @@ def python_state_reads(model: nn.Module, graphs) -> list:
                 leaves.add(node.target)
     reads = []
     for name in sorted(traced - leaves):
-        mod = model.get_submodule(name)
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
         for attr in sorted(_condition_attributes(type(mod)) - {"training"}):
             value = mod.__dict__.get(attr, mod)  # plain attributes live in __dict__
             if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
