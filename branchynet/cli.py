@@ -113,22 +113,29 @@ def _backend(allow_auto: bool):
     return parse
 
 
+def _cannot_write(path: Path, kind: str) -> str | None:
+    """Why ``path`` cannot be written as a ``"file"`` (written next to itself and renamed
+    over: its folder must be writable) or a ``"folder"`` (created if missing); None if it
+    can. Refused: a path component that is a file, a path of the other kind, a folder
+    that would hold it and is not writable."""
+    if path.exists() and path.is_dir() != (kind == "folder"):
+        return f"cannot write {path}: it is a {'folder' if path.is_dir() else 'file'}, expected a {kind}"
+    holder = path if kind == "folder" and path.exists() else path.parent
+    while not holder.exists():  # the first folder that is there: the rest is created
+        holder = holder.parent
+    if not holder.is_dir():
+        return f"cannot write {path}: {holder} is a file, not a folder"
+    if not os.access(holder, os.W_OK | os.X_OK):
+        return f"cannot write {path}: {holder} is not writable"
+    return None
+
+
 def _writable(kind: str):
-    """``--out`` as a ``"file"`` (written next to itself and renamed over: its folder must
-    be writable) or a ``"folder"`` (created if missing): refused when a path component is
-    a file, the path is the other kind, or the folder that would hold it is not writable."""
+    """``--out`` checked by :func:`_cannot_write` while parsing."""
     def parse(text: str) -> str:
-        path = Path(text)
-        if path.exists() and path.is_dir() != (kind == "folder"):
-            raise argparse.ArgumentTypeError(
-                f"cannot write {path}: it is a {'folder' if path.is_dir() else 'file'}, expected a {kind}")
-        holder = path if kind == "folder" and path.exists() else path.parent
-        while not holder.exists():  # the first folder that is there: the rest is created
-            holder = holder.parent
-        if not holder.is_dir():
-            raise argparse.ArgumentTypeError(f"cannot write {path}: {holder} is a file, not a folder")
-        if not os.access(holder, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"cannot write {path}: {holder} is not writable")
+        why = _cannot_write(Path(text), kind)
+        if why:
+            raise argparse.ArgumentTypeError(why)
         return text
     return parse
 
@@ -277,13 +284,16 @@ def _build_arch(args, splits):
 
 def run_calibrate(args) -> None:
     from .calibrate import TargetUnreachable
-    from .checkpoint import update_checkpoint
+    from .checkpoint import CheckpointError, update_checkpoint
     from .data import load_dataset
     from .demo import calibrate_and_write
     from .distributed import init_from_env
 
     args.device = str(init_from_env(args.device).device)
     model, extra, dataset = _open_checkpoint(args)
+    why = _cannot_write(Path(args.checkpoint), "file") if args.write else None
+    if why:  # --write rewrites the checkpoint after the calibration: known now
+        raise CheckpointError(f"--write: {why}")
     if dataset is None:
         raise SystemExit("error: the checkpoint does not name its data set: pass --dataset")
     splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))

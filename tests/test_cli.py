@@ -319,3 +319,17 @@ def test_an_unreadable_checkpoint_is_an_error_line(lenet_ckpt, tmp_path, monkeyp
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: cannot read {path}: Permission denied"), err
+
+
+def test_calibrate_write_to_an_unwritable_folder_is_refused_before_calibrating(lenet_ckpt, tmp_path,
+                                                                               monkeypatch, capsys):
+    import os
+
+    import branchynet.calibrate
+
+    ckpt = lenet_ckpt[0]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ckpt.parent) else real_access(p, mode))
+    monkeypatch.setattr(branchynet.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    assert main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --write: cannot write {ckpt}: {ckpt.parent} is not writable")
