@@ -6,13 +6,13 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from . import _cli_args as check
 from .config import ExitConfig
 from .tables import markdown_table
 
@@ -74,70 +74,6 @@ def _float_list(text: str) -> list:
     if not all(0 <= v < math.inf for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers >= 0, got {text!r}")
     return values
-
-
-# The validators below check what can be checked from the flags alone (names, devices,
-# where the results go) while parsing, so a typo is an argparse error line and exit 2
-# before a data set is loaded or an epoch run. Each returns its text unchanged.
-
-
-def _dataset(text: str) -> str:
-    from .data import dataset_key
-
-    try:
-        dataset_key(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
-def _device(text: str) -> str:
-    from .devices import DeviceUnavailable, check_device
-
-    try:
-        check_device(text, "")  # argparse names the flag
-    except (ValueError, DeviceUnavailable) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
-def _backend(allow_auto: bool):
-    def parse(text: str) -> str:
-        from .ops import BACKENDS
-
-        if text in BACKENDS or (allow_auto and text == "auto"):
-            return text
-        names = ", ".join(BACKENDS)
-        raise argparse.ArgumentTypeError(
-            f"expected {'auto or ' if allow_auto else ''}one of {names}, got {text!r}")
-    return parse
-
-
-def _cannot_write(path: Path, kind: str) -> str | None:
-    """Why ``path`` cannot be written as a ``"file"`` (written next to itself and renamed
-    over: its folder must be writable) or a ``"folder"`` (created if missing); None if it
-    can. Refused: a path component that is a file, a path of the other kind, a folder
-    that would hold it and is not writable."""
-    if path.exists() and path.is_dir() != (kind == "folder"):
-        return f"cannot write {path}: it is a {'folder' if path.is_dir() else 'file'}, expected a {kind}"
-    holder = path if kind == "folder" and path.exists() else path.parent
-    while not holder.exists():  # the first folder that is there: the rest is created
-        holder = holder.parent
-    if not holder.is_dir():
-        return f"cannot write {path}: {holder} is a file, not a folder"
-    if not os.access(holder, os.W_OK | os.X_OK):
-        return f"cannot write {path}: {holder} is not writable"
-    return None
-
-
-def _writable(kind: str):
-    """``--out`` checked by :func:`_cannot_write` while parsing."""
-    def parse(text: str) -> str:
-        why = _cannot_write(Path(text), kind)
-        if why:
-            raise argparse.ArgumentTypeError(why)
-        return text
-    return parse
 
 
 def _build(name: str, splits):
@@ -291,7 +227,7 @@ def run_calibrate(args) -> None:
 
     args.device = str(init_from_env(args.device).device)
     model, extra, dataset = _open_checkpoint(args)
-    why = _cannot_write(Path(args.checkpoint), "file") if args.write else None
+    why = check.cannot_write(Path(args.checkpoint), "file") if args.write else None
     if why:  # --write rewrites the checkpoint after the calibration: known now
         raise CheckpointError(f"--write: {why}")
     if dataset is None:
@@ -418,11 +354,11 @@ def _common(sp, model=True) -> None:
     """The flags every data-set command takes."""
     if model:
         sp.add_argument("--model", default="b-lenet", choices=MODEL_CHOICES)
-    sp.add_argument("--dataset", type=_dataset, default=None,
+    sp.add_argument("--dataset", type=check.dataset, default=None,
                     help="mnist-5k (offline), digits (offline), mnist, fashion-mnist, cifar10 "
                          "(default: mnist-5k for b-lenet, cifar10 otherwise)")
     sp.add_argument("--data-root", default=None, help="folder with the standard data files")
-    sp.add_argument("--device", type=_device, default="cpu")
+    sp.add_argument("--device", type=check.device, default="cpu")
     sp.add_argument("--seed", type=int, default=0)
 
 
@@ -438,13 +374,13 @@ def _add_demo(sub) -> None:
     d.add_argument("--time-samples", type=_positive_int, default=500, help="samples timed one at a time (B=1)")
     d.add_argument("--repeats", type=_positive_int, default=5)
     d.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default: torch's)")
-    d.add_argument("--backend", type=_backend(allow_auto=True), default="auto",
+    d.add_argument("--backend", type=check.backend(allow_auto=True), default="auto",
                    help="exit-op backend: auto, cuda, triton, cpp, torch")
     d.add_argument("--compile", nargs="?", const=True, default=False,
                    choices=[True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="also time the engine and the backbone through torch.compile (optionally a mode); "
                         "adds two rows, compile time printed apart")
-    d.add_argument("--out", type=_writable("folder"), default="runs/demo")
+    d.add_argument("--out", type=check.writable("folder"), default="runs/demo")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
@@ -468,7 +404,7 @@ def _add_train(sub) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--amp", default=None, choices=("bf16", "fp16"),
                    help="mixed-precision training (torch.autocast; fp16 with a GradScaler); default off")
-    t.add_argument("--out", type=_writable("file"), default="runs/model.pt")
+    t.add_argument("--out", type=check.writable("file"), default="runs/model.pt")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
 
@@ -491,7 +427,7 @@ def _add_calibrate(sub) -> None:
                    help="share of samples leaving at the first branch (the paper's way)")
     c.add_argument("--temperature", action="store_true",
                    help="fit a temperature per exit (NLL on the validation split), folded into the branches")
-    c.add_argument("--out", type=_writable("folder"), default="runs/calibration")
+    c.add_argument("--out", type=check.writable("folder"), default="runs/calibration")
     c.add_argument("--write", action="store_true",
                    help="store the chosen thresholds (and temperatures) in the checkpoint")
     c.set_defaults(func=run_calibrate)
@@ -503,7 +439,7 @@ def _add_tools(sub) -> None:
     _common(b, model=False)
     b.add_argument("checkpoint")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
-    b.add_argument("--backend", type=_backend(allow_auto=True), default="auto")
+    b.add_argument("--backend", type=check.backend(allow_auto=True), default="auto")
     b.add_argument("--samples", type=_positive_int, default=1024)
     b.add_argument("--samples-b1", type=_positive_int, default=200)
     b.add_argument("--per-sample-b1", action="store_true", help="at B=1 time the per-sample mode")
@@ -520,9 +456,9 @@ def _add_tools(sub) -> None:
 
     st = sub.add_parser("selftest", help="check every exit-op backend on every device against the "
                                          "reference, and the engine against the per-sample rule")
-    st.add_argument("--device", type=_device, action="append",
+    st.add_argument("--device", type=check.device, action="append",
                     help="only this device (repeatable; default: all)")
-    st.add_argument("--backend", type=_backend(allow_auto=False), action="append",
+    st.add_argument("--backend", type=check.backend(allow_auto=False), action="append",
                     help="only this backend (repeatable; default: all)")
     st.add_argument("--quick", action="store_true", help="a smaller grid (fp32/fp16, 4 class counts)")
     st.set_defaults(func=run_selftest)
