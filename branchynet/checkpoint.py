@@ -52,6 +52,11 @@ FORMAT = "branchynet-checkpoint"
 VERSION = 1
 
 
+# What torch.save's legacy format starts with: pickle protocol 2, then torch's magic
+# number 0x1950a86a20f9469cfc6c as a pickled long.
+_LEGACY_HEAD = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
 class CheckpointError(ValueError):
     """A file that cannot be loaded as a branchynet checkpoint; the message says why."""
 
@@ -250,28 +255,48 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint file; returns the raw dict (see the module docstring).
 
     Raises:
-        CheckpointError: missing, truncated or corrupt file; a torch file that is not a
-            branchynet checkpoint (e.g. a plain state_dict); a newer format version.
+        CheckpointError: missing, unreadable, truncated or corrupt file; a torch file that
+            is not a branchynet checkpoint (e.g. a plain state_dict or a pickled model); a
+            newer format version.
+        DeviceUnavailable: ``map_location`` names a device this process does not have
+            (checked before the file is read).
+        ValueError: ``map_location`` is not a device name.
     """
     path = Path(path)
+    if isinstance(map_location, (str, torch.device)):
+        # before reading: torch reports a missing device as a failed load, which is not
+        # the file's fault (it must never be called corrupt)
+        from .devices import check_device
+
+        check_device(map_location, "map_location")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file")
-    with open(path, "rb") as f:
-        # torch.save writes a zip archive; anything else is junk or a legacy torch file.
-        is_zip = f.read(4) == b"PK\x03\x04"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_HEAD))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    # torch.save writes a zip archive; a pickle with torch's magic number is the legacy
+    # (torch < 1.6) format; anything else is junk.
+    is_zip, legacy = head[:4] == b"PK\x03\x04", head == _LEGACY_HEAD
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if is_zip and isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        if (is_zip or legacy) and isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            # torch's message goes on to suggest weights_only=False, which would run
+            # whatever code the file holds: not repeated here.
+            kind = "a legacy (torch < 1.6, not zip) torch file that" if legacy else "it"
             raise CheckpointError(
-                f"{path} is not a branchynet checkpoint: it holds Python objects other than "
-                f"tensors and plain data (a whole pickled model?), which are not loaded for "
-                f"safety. Write checkpoints with branchynet.checkpoint.save_checkpoint."
+                f"{path} is not a branchynet checkpoint: {kind} holds Python objects other than "
+                f"tensors and plain data (a whole pickled model?), which are not unpickled because "
+                f"unpickling can run code from the file. Write checkpoints with "
+                f"branchynet.checkpoint.save_checkpoint."
             ) from err
-        what = "corrupt or truncated" if is_zip else "corrupt or not a torch file (random bytes?)"
+        what = ("corrupt or truncated" if is_zip or legacy
+                else "corrupt or not a torch file (random bytes?)")
         raise CheckpointError(
             f"{path} is {what}: torch.load failed ({type(err).__name__}: {first_line})"
         ) from err

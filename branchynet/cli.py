@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from . import _cli_args as check
 from .config import ExitConfig
 from .tables import markdown_table
 
@@ -64,10 +66,14 @@ def _name_list(text: str) -> list:
 
 
 def _float_list(text: str) -> list:
+    """Comma-separated finite numbers >= 0, e.g. the joint loss's ``1,0.5``."""
     try:
-        return [float(t) for t in text.split(",")]
+        values = [float(t) for t in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 <= v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers >= 0, got {text!r}")
+    return values
 
 
 def _build(name: str, splits):
@@ -214,13 +220,16 @@ def _build_arch(args, splits):
 
 def run_calibrate(args) -> None:
     from .calibrate import TargetUnreachable
-    from .checkpoint import update_checkpoint
+    from .checkpoint import CheckpointError, update_checkpoint
     from .data import load_dataset
     from .demo import calibrate_and_write
     from .distributed import init_from_env
 
     args.device = str(init_from_env(args.device).device)
     model, extra, dataset = _open_checkpoint(args)
+    why = check.cannot_write(Path(args.checkpoint), "file") if args.write else None
+    if why:  # --write rewrites the checkpoint after the calibration: known now
+        raise CheckpointError(f"--write: {why}")
     if dataset is None:
         raise SystemExit("error: the checkpoint does not name its data set: pass --dataset")
     splits = load_dataset(dataset, args.data_root, seed=extra.get("seed", 0))
@@ -345,11 +354,11 @@ def _common(sp, model=True) -> None:
     """The flags every data-set command takes."""
     if model:
         sp.add_argument("--model", default="b-lenet", choices=MODEL_CHOICES)
-    sp.add_argument("--dataset", default=None,
+    sp.add_argument("--dataset", type=check.dataset, default=None,
                     help="mnist-5k (offline), digits (offline), mnist, fashion-mnist, cifar10 "
                          "(default: mnist-5k for b-lenet, cifar10 otherwise)")
     sp.add_argument("--data-root", default=None, help="folder with the standard data files")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", type=check.device, default="cpu")
     sp.add_argument("--seed", type=int, default=0)
 
 
@@ -358,19 +367,20 @@ def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="train, calibrate and print the paper's Table I for this machine")
     _common(d)
     d.add_argument("--epochs", type=_positive_int, default=15)
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=_positive_float, default=1e-3)
     d.add_argument("--batch-size", type=_positive_int, default=64)
     d.add_argument("--max-drop", type=_fraction, default=0.005, help="accuracy drop allowed (0.005 = 0.5 pt)")
     d.add_argument("--limit", type=_nonneg_int, default=0, help="use at most this many training samples")
     d.add_argument("--time-samples", type=_positive_int, default=500, help="samples timed one at a time (B=1)")
     d.add_argument("--repeats", type=_positive_int, default=5)
     d.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default: torch's)")
-    d.add_argument("--backend", default="auto", help="exit-op backend: auto, cuda, triton, cpp, torch")
+    d.add_argument("--backend", type=check.backend(allow_auto=True), default="auto",
+                   help="exit-op backend: auto, cuda, triton, cpp, torch")
     d.add_argument("--compile", nargs="?", const=True, default=False,
                    choices=[True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="also time the engine and the backbone through torch.compile (optionally a mode); "
                         "adds two rows, compile time printed apart")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", type=check.writable("folder"), default="runs/demo")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
@@ -380,7 +390,7 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help="joint-loss training to a checkpoint")
     _common(t)
     t.add_argument("--epochs", type=_positive_int, default=10)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--weights", type=_float_list, default=None,
                    help="joint-loss weights, comma separated, one per exit")
@@ -394,7 +404,7 @@ def _add_train(sub) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--amp", default=None, choices=("bf16", "fp16"),
                    help="mixed-precision training (torch.autocast; fp16 with a GradScaler); default off")
-    t.add_argument("--out", default="runs/model.pt")
+    t.add_argument("--out", type=check.writable("file"), default="runs/model.pt")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
 
@@ -417,7 +427,7 @@ def _add_calibrate(sub) -> None:
                    help="share of samples leaving at the first branch (the paper's way)")
     c.add_argument("--temperature", action="store_true",
                    help="fit a temperature per exit (NLL on the validation split), folded into the branches")
-    c.add_argument("--out", default="runs/calibration")
+    c.add_argument("--out", type=check.writable("folder"), default="runs/calibration")
     c.add_argument("--write", action="store_true",
                    help="store the chosen thresholds (and temperatures) in the checkpoint")
     c.set_defaults(func=run_calibrate)
@@ -429,7 +439,7 @@ def _add_tools(sub) -> None:
     _common(b, model=False)
     b.add_argument("checkpoint")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
-    b.add_argument("--backend", default="auto")
+    b.add_argument("--backend", type=check.backend(allow_auto=True), default="auto")
     b.add_argument("--samples", type=_positive_int, default=1024)
     b.add_argument("--samples-b1", type=_positive_int, default=200)
     b.add_argument("--per-sample-b1", action="store_true", help="at B=1 time the per-sample mode")
@@ -446,14 +456,17 @@ def _add_tools(sub) -> None:
 
     st = sub.add_parser("selftest", help="check every exit-op backend on every device against the "
                                          "reference, and the engine against the per-sample rule")
-    st.add_argument("--device", action="append", help="only this device (repeatable; default: all)")
-    st.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
+    st.add_argument("--device", type=check.device, action="append",
+                    help="only this device (repeatable; default: all)")
+    st.add_argument("--backend", type=check.backend(allow_auto=False), action="append",
+                    help="only this backend (repeatable; default: all)")
     st.add_argument("--quick", action="store_true", help="a smaller grid (fp32/fp16, 4 class counts)")
     st.set_defaults(func=run_selftest)
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetUnavailable
+    from .devices import DeviceUnavailable
 
     args = build_parser().parse_args(argv)
     try:
@@ -462,7 +475,7 @@ def main(argv=None) -> int:
             torch.distributed.barrier()  # torchrun: no rank leaves the group before all are done
     except KeyboardInterrupt:
         return 130
-    except (CheckpointError, DatasetUnavailable) as err:
+    except (CheckpointError, DatasetUnavailable, DeviceUnavailable) as err:
         # The user's file or data, not a bug: the message says what to do.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -125,6 +125,20 @@ def default_dataset_for(model_name: str) -> str:
     return "mnist-5k" if key in ("b_lenet", "lenet") else "cifar10"
 
 
+def dataset_key(name: str) -> str:
+    """The :data:`DATASETS` entry ``name`` stands for (case-insensitive; ``_`` and ``-``
+    are the same; aliases such as ``cifar-10``).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    key = str(name).lower().replace("_", "-").strip()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    return key
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -155,10 +169,7 @@ def load_dataset(
         ValueError: unknown name or bad fractions.
         DatasetUnavailable: the data set's package or files are missing.
     """
-    key = name.lower().replace("_", "-").strip()
-    key = _ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    key = dataset_key(name)
     for label, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
             raise ValueError(f"{label} must be in [0, 1), got {f}")

@@ -143,3 +143,108 @@ def test_every_candidate_scores_what_every_backend_does(dtype):
             res = eng(x)
             assert [c / len(y) for c in res.counts] == pytest.approx(frac[g].tolist()), (backend, grid[g])
             assert float((res.pred == y).double().mean()) == pytest.approx(float(acc[g]))
+
+
+# -- bad validation data: a clear error, and the model as it was ----------------------------
+
+
+def poisoned(val, row=5, label=None):
+    """``val`` with one NaN input row (-> NaN logits at every exit) or one label set to
+    ``label``."""
+    x, y = (t.clone() for t in val.tensors)
+    if label is None:
+        x[row] = float("nan")
+    else:
+        y[row] = label
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+def test_a_nan_row_is_an_error_before_anything_changes(temperature):
+    # Used to divide the branches' weights by the fitted temperatures, then die inside
+    # torch ("atol ... got nan") without restoring them.
+    model = small_model()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"1 of 300 validation samples give NaN scores \(first at index 5"):
+        calibrate(model, poisoned(dataset()), temperature=temperature, max_drop=0.02)
+    assert same_state(model, before)
+
+
+def test_all_nan_scores_are_an_error_not_thresholds_of_zero():
+    model = small_model()
+    x, y = dataset().tensors
+    with pytest.raises(ValueError, match=r"300 of 300 validation samples"):
+        calibrate(model, torch.utils.data.TensorDataset(torch.full_like(x, float("nan")), y))
+
+
+@pytest.mark.parametrize("label", [4, -1])
+@pytest.mark.parametrize("temperature", [False, True])
+def test_labels_outside_the_classes_are_an_error_before_anything_changes(label, temperature):
+    # Used to report the target met (a label no exit can predict is simply "wrong").
+    model = small_model()
+    before = state(model)
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, 4\).* {label} .*index 7"):
+        calibrate(model, poisoned(dataset(), row=7, label=label), temperature=temperature)
+    assert same_state(model, before)
+
+
+def test_a_failure_after_folding_puts_the_weights_back():
+    # The temperatures are folded first; a target nothing meets is found after that.
+    from branchynet.calibrate import TargetUnreachable
+
+    model = small_model()
+    before = state(model)
+    with pytest.raises(TargetUnreachable):
+        calibrate(model, dataset(), temperature=True, max_drop=None, max_flops=1e-6)
+    assert same_state(model, before)
+
+
+def test_fold_temperature_puts_the_weights_back_on_any_exception(monkeypatch):
+    from branchynet.calibrate import fold_temperature
+    from branchynet.calibrate import temperature as temp_mod
+
+    model = small_model()
+    before = state(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("not a ValueError")
+
+    monkeypatch.setattr(temp_mod, "_check_folded", boom)
+    with pytest.raises(RuntimeError, match="not a ValueError"):
+        fold_temperature(model, [2.0, 3.0, 1.5], torch.randn(8, 10))
+    assert same_state(model, before)
+
+
+def test_fold_temperature_checks_an_example_with_a_nan_row():
+    # The check compared with a NaN tolerance (torch: "atol ... got nan").
+    from branchynet.calibrate import fold_temperature
+
+    model = small_model()
+    x = torch.randn(8, 10)
+    x[2] = float("nan")
+    z0 = [z.clone() for z in model(x)]
+    assert fold_temperature(model, [2.0, 3.0, 1.5], x) == [2.0, 3.0, 1.5]
+    for a, b, t in zip(z0, model(x), [2.0, 3.0, 1.5]):
+        assert torch.allclose(b[[0, 1, 3]], a[[0, 1, 3]] / t, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupt_after_folding_puts_the_weights_back(monkeypatch):
+    from branchynet.calibrate import temperature as temp_mod
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(temp_mod, "expected_calibration_error", boom)  # runs after the fold
+    model = small_model()
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, dataset(), temperature=True)
+    assert same_state(model, before)

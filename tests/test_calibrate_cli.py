@@ -77,3 +77,29 @@ def test_bad_target_flags_are_usage_errors(argv, msg, capsys):
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_temperature_on_a_split_with_a_nan_row_is_an_error_line_and_writes_nothing(tmp_path, monkeypatch):
+    # Was torch's "atol ... got nan" traceback, with the branches' weights already divided.
+    import dataclasses
+
+    import torch
+
+    import branchynet.data
+    from branchynet.models.registry import build_model
+
+    real = branchynet.data.load_dataset
+
+    def with_a_nan_row(*args, **kwargs):
+        splits = real(*args, **kwargs)
+        x, y = (t.clone() for t in splits.val.tensors)
+        x[3] = float("nan")
+        return dataclasses.replace(splits, val=torch.utils.data.TensorDataset(x, y))
+
+    monkeypatch.setattr(branchynet.data, "load_dataset", with_a_nan_row)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("b_lenet"), extra={"dataset": "digits", "seed": 0})
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: 1 of \d+ validation samples give NaN scores \(first at index 3"):
+        main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--temperature", "--write"])
+    assert ckpt.read_bytes() == before

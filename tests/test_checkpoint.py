@@ -157,3 +157,41 @@ def test_cli_reports_a_bad_checkpoint_with_exit_code_2(saved, tmp_path, capsys):
     assert main(["bench", str(path), "--batch-sizes", "1", "--samples", "4", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "invalid exit_config" in err
+
+
+# -- a good file on the wrong device, a legacy pickle --------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "cuda", torch.device("cuda", 99)],
+                         ids=["index-99", "default-gpu", "device-object"])  # no "cuda" mark: runs on CPU
+def test_an_unavailable_device_is_not_called_corruption(saved, device):
+    # Was "... is corrupt or truncated": a user could delete a good file.
+    from branchynet.checkpoint import load_engine
+    from branchynet.devices import DeviceUnavailable
+
+    if str(device) == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    path = saved[0]
+    for load in (read_checkpoint, load_checkpoint, load_engine):
+        with pytest.raises(DeviceUnavailable, match=r"device unavailable: .*cuda") as err:
+            load(path, map_location=device)
+        assert "corrupt" not in str(err.value) and "map_location" in str(err.value)
+
+
+def test_cli_device_unavailable_is_a_usage_error(saved, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["bench", str(saved[0]), "--device", "cuda:99"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "argument --device: device unavailable: 'cuda:99'" in msg and "corrupt" not in msg
+
+
+def test_legacy_pickle_says_what_the_file_is_and_does_not_suggest_unpickling(tmp_path):
+    # Was "corrupt or not a torch file (random bytes?)" followed by torch's hint to load
+    # with weights_only=False, which runs the code a file may hold.
+    path = tmp_path / "legacy.pt"
+    torch.save(lenet(0), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy .*torch file .* Python objects") as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "random bytes" not in msg and "weights_only=False" not in msg and "corrupt" not in msg

@@ -241,3 +241,95 @@ def test_process_exit_code_is_mains(tmp_path):
     r = subprocess.run([sys.executable, "-m", "branchynet", "calibrate", str(tmp_path / "nope.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "does not exist" in r.stderr
+
+
+# -- bad flags: an argparse error line and exit 2, before any work -------------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any data set load (the first long step of every command) fails the test: the
+    flags must be refused before it."""
+    import branchynet.data
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the data set was loaded before the flags were checked")
+
+    monkeypatch.setattr(branchynet.data, "load_dataset", loaded)
+    monkeypatch.setattr(branchynet.data, "default_dataset_for", loaded)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--lr", "nan"], "argument --lr: expected a number > 0, got nan"),
+    (["demo", "--lr", "-1"], "argument --lr: expected a number > 0, got -1"),
+    (["train", "--weights", "1,nan"], "argument --weights: expected comma-separated finite numbers >= 0, got '1,nan'"),
+    (["train", "--weights", "1,-2"], "argument --weights: expected comma-separated finite numbers >= 0"),
+    (["train", "--dataset", "nosuch"], "argument --dataset: unknown data set 'nosuch'; known: mnist-5k, digits"),
+    (["calibrate", "x.pt", "--dataset", "nosuch"], "argument --dataset: unknown data set 'nosuch'"),
+    (["train", "--device", "gpu"], "argument --device: 'gpu' is not a device name; expected e.g. cpu, cuda, cuda:0"),
+    (["demo", "--device", "gpu"], "argument --device: 'gpu' is not a device name"),
+    (["bench", "x.pt", "--device", "gpu"], "argument --device: 'gpu' is not a device name"),
+    (["selftest", "--device", "gpu"], "argument --device: 'gpu' is not a device name"),
+    (["train", "--device", "cuda:99"], "argument --device: device unavailable: 'cuda:99' ("),
+    (["bench", "x.pt", "--backend", "gpu"],
+     "argument --backend: expected auto or one of cuda, triton, cpp, torch, got 'gpu'"),
+    (["demo", "--backend", "gpu"], "argument --backend: expected auto or one of"),
+    (["selftest", "--backend", "gpu"], "argument --backend: expected one of cuda, triton, cpp, torch, got 'gpu'"),
+])
+def test_bad_flags_are_usage_errors_before_any_work(argv, msg, capsys, no_work):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,out", [
+    (["train", "--epochs", "1", "--quiet"], "file/m.pt"),      # a folder that is a file
+    (["train", "--epochs", "1", "--quiet"], "folder"),         # a file path that is a folder
+    (["demo", "--epochs", "1", "--quiet"], "file/demo"),
+    (["calibrate", "CKPT"], "file/cal"),
+    (["calibrate", "CKPT"], "file"),                           # a folder path that is a file
+])
+def test_an_unwritable_out_is_refused_before_the_first_epoch(command, out, tmp_path, capsys, no_work):
+    # Was found only when the first epoch's checkpoint or the calibration's CSV was written.
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    argv = [str(tmp_path / "m.pt") if a == "CKPT" else a for a in command] + ["--out", str(tmp_path / out)]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert f"argument --out: cannot write {tmp_path / out}" in capsys.readouterr().err
+
+
+def test_an_unreadable_checkpoint_is_an_error_line(lenet_ckpt, tmp_path, monkeypatch, capsys):
+    import os
+    import shutil
+
+    import branchynet.checkpoint as ckpt_mod
+
+    path = tmp_path / "locked.pt"
+    shutil.copy(lenet_ckpt[0], path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: fail the read the way the OS would
+        def denied(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
+
+        monkeypatch.setattr(ckpt_mod, "open", denied, raising=False)
+    for argv in (["calibrate", str(path), "--out", str(tmp_path / "cal")], ["bench", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read {path}: Permission denied"), err
+
+
+def test_calibrate_write_to_an_unwritable_folder_is_refused_before_calibrating(lenet_ckpt, tmp_path,
+                                                                               monkeypatch, capsys):
+    import os
+
+    import branchynet.calibrate
+
+    ckpt = lenet_ckpt[0]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ckpt.parent) else real_access(p, mode))
+    monkeypatch.setattr(branchynet.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    assert main(["calibrate", str(ckpt), "--out", str(tmp_path / "cal"), "--write"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --write: cannot write {ckpt}: {ckpt.parent} is not writable")

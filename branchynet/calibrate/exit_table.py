@@ -11,7 +11,7 @@ from ..config import CRITERIA
 from ..exits import exit_scores
 from ..models.branchynet import BranchyNet
 
-__all__ = ["ExitTable", "collect_exit_outputs", "score_thresholds", "candidate_thresholds"]
+__all__ = ["ExitTable", "collect_exit_outputs", "score_thresholds", "candidate_thresholds", "check_split"]
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ExitTable:
         score_dtype: the dtype the engine computes and compares the scores in (float32,
             or float64 for a float64 model); default: float32 when every score is a
             float32 value, else float64.
+        num_classes: C, the labels' range [0, C), when known.
     """
 
     score: torch.Tensor
@@ -33,6 +34,7 @@ class ExitTable:
     target: torch.Tensor
     criterion: str = "entropy"
     score_dtype: torch.dtype | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if self.score_dtype is None:
@@ -80,7 +82,41 @@ def collect_exit_outputs(model: BranchyNet, data, *, criterion: str | None = Non
     if not targets:
         raise ValueError("data is empty: calibration needs at least one sample")
     return ExitTable(torch.cat(scores, 1), torch.cat(preds, 1), torch.cat(targets), criterion,
-                     score_dtype=torch.float64 if outs[0].dtype == torch.float64 else torch.float32)
+                     score_dtype=torch.float64 if outs[0].dtype == torch.float64 else torch.float32,
+                     num_classes=outs[0].shape[1])
+
+
+def check_split(nan: torch.Tensor, target: torch.Tensor, num_classes: int | None) -> None:
+    """Refuse a validation split that calibration cannot score honestly, before anything
+    is fitted or folded: a label outside [0, C) (no exit can predict it, yet the final
+    exit's accuracy would fall with the others' and the target be "met"), and samples
+    whose scores are NaN (no threshold is ever met by NaN: they would all be counted at
+    the final exit, and with every score NaN the search returns thresholds of 0).
+
+    Args:
+        nan: [N, M] or [M] bool, True where a sample's score (or logits) at an exit is NaN.
+        target: [M] int64 labels.
+        num_classes: C, or None when unknown (then only negative labels are refused).
+
+    Raises:
+        ValueError: naming how many samples and the first one.
+    """
+    m = target.shape[0]
+    low, high = 0, num_classes if num_classes is not None else None
+    bad = (target < low) if high is None else (target < low) | (target >= high)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        classes = f"[0, {high}) (the model's {high} classes)" if high is not None else "[0, C)"
+        raise ValueError(f"validation labels must be in {classes}; got {int(target[i])} at index {i} "
+                         f"({int(bad.sum())} of {m} samples outside)")
+    rows = nan.reshape(-1, m).any(0)
+    if bool(rows.any()):
+        i = int(rows.nonzero()[0])
+        exits = nan.reshape(-1, m)[:, i].nonzero().flatten().tolist()
+        raise ValueError(
+            f"{int(rows.sum())} of {m} validation samples give NaN scores (first at index {i}, at "
+            f"exit(s) {exits}): calibration needs finite logits; drop those samples (inputs "
+            f"holding NaN?) or fix the model")
 
 
 def _engine_thresholds(table: ExitTable, thresholds: torch.Tensor) -> torch.Tensor:

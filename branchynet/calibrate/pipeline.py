@@ -12,10 +12,11 @@ import torch
 
 from ..flops import FlopProfile, profile_flops
 from ..models.branchynet import BranchyNet
-from .exit_table import ExitTable, _engine_thresholds, _first_inputs, candidate_thresholds, collect_exit_outputs
+from .exit_table import (ExitTable, _engine_thresholds, _first_inputs, candidate_thresholds, check_split,
+                         collect_exit_outputs)
 from .result import CalibrationResult, _measure_on, _rows
 from .search import TargetUnreachable, _Costs, _exit_fraction_threshold, _Goal, _unreachable, search_thresholds
-from .temperature import scale_temperatures
+from .temperature import _restore, _scale
 
 __all__ = ["calibrate"]
 
@@ -193,7 +194,8 @@ def calibrate(
             branch's last linear layer (changes ``model`` in place; predictions unchanged),
             before the thresholds are searched on the scaled scores. The final exit may
             stay at 1.0 (see :func:`fold_temperature`); ``temperature`` in the result
-            holds the values folded.
+            holds the values folded. Should calibration fail after folding (a target
+            nothing meets, an interrupt), the weights are put back as they were.
         candidates: T values to try per side branch (default :func:`candidate_thresholds`).
         flops: FLOP profile (default counted from the model).
         path_times: seconds per sample to reach each exit
@@ -214,19 +216,40 @@ def calibrate(
 
     Raises:
         ValueError: an invalid target, or targets no combination meets (the message gives
-            the best value reached among the combinations scored, with the other targets met).
+            the best value reached among the combinations scored, with the other targets met);
+            a validation label outside [0, C), or samples whose logits are NaN: these are
+            errors, not skipped (the message counts them and gives the first), raised
+            before anything is fitted or folded.
     """
     # Long only in its signature and docstring (the public keyword API); each step is a
     # function of its own above.
     targets = _Targets(max_drop, min_accuracy, max_flops, max_latency, exit_fraction)
     _check_search(search, beam_width, path_times, latency, max_latency)
-    temps = ece = None
-    if temperature:
-        if table is not None:
-            raise ValueError("temperature=True rescores the data after folding: do not pass table=")
-        temps, ece = scale_temperatures(model, val, batch_size=batch_size, device=device)
+    if temperature and table is not None:
+        raise ValueError("temperature=True rescores the data after folding: do not pass table=")
+    saved = []
+    try:
+        temps = ece = None
+        if temperature:
+            temps, ece, saved = _scale(model, val, batch_size=batch_size, device=device)
+        return _search(model, val, table, targets, temps, ece, criterion=criterion, candidates=candidates,
+                       per_exit=per_exit, exit_fraction=exit_fraction, flops=flops, path_times=path_times,
+                       latency=latency, max_latency=max_latency, test=test, batch_size=batch_size,
+                       device=device, search=search, beam_width=beam_width, polish_starts=polish_starts,
+                       max_exhaustive=max_exhaustive)
+    except BaseException:
+        # calibration never leaves the model changed on error: the folded temperatures undone
+        _restore(saved)
+        raise
+
+
+def _search(model, val, table, targets: _Targets, temps, ece, *, criterion, candidates, per_exit,
+            exit_fraction, flops, path_times, latency, max_latency, test, batch_size, device, search,
+            beam_width, polish_starts, max_exhaustive) -> CalibrationResult:
+    """:func:`calibrate` after the temperatures are folded: score, check, search, report."""
     table = table or collect_exit_outputs(model, val, criterion=criterion, batch_size=batch_size,
                                           device=device)
+    check_split(table.score.isnan(), table.target, table.num_classes or model.num_classes)
     n, m = table.score.shape
     if n == 1:
         raise ValueError("the model has a single exit: there are no thresholds to calibrate")

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from ..models.branchynet import BranchyNet
-from .exit_table import _first_inputs
+from .exit_table import _first_inputs, check_split
 
 __all__ = ["collect_logits", "fit_temperature", "expected_calibration_error", "fold_temperature",
            "scale_temperatures"]
@@ -119,6 +119,7 @@ def _fold_layer(model: BranchyNet, n: int, t: float) -> torch.nn.Linear | None:
     return lin
 
 
+@torch.no_grad()
 def _restore(saved: list) -> None:
     """Put back the weights and biases saved before folding, bit for bit."""
     for lin, w, b in saved:
@@ -134,7 +135,8 @@ def _check_folded(model: BranchyNet, before, after, temps: list, saved: list) ->
     last = model.num_exits - 1
     for n, (z0, z1, t) in enumerate(zip(before, after, temps)):
         want = z0.double() / t
-        scale = float(want.abs().amax()) if want.numel() else 0.0
+        finite = want[torch.isfinite(want)]  # a NaN row must not make the tolerance NaN
+        scale = float(finite.abs().amax()) if finite.numel() else 0.0
         if torch.allclose(z1.double(), want, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
             continue
         if n == last and _last_linear(model.branches[n]) is None:
@@ -181,11 +183,11 @@ def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: 
         raise ValueError(f"temperatures: expected {model.num_exits} finite values > 0, got {temps}")
     was_training = model.training
     model.eval()
+    saved = []
     try:
         before = model(example)
         # every layer found before any is changed: a branch without one leaves the model as it was
         layers = {n: _fold_layer(model, n, t) for n, t in enumerate(temps) if t != 1.0}
-        saved = []
         for n, lin in layers.items():
             t = temps[n]
             if lin is None:
@@ -196,9 +198,22 @@ def fold_temperature(model: BranchyNet, temperatures: Sequence[float], example: 
             if lin.bias is not None:
                 lin.bias.div_(t)
         _check_folded(model, before, model(example), temps, saved)
+    except BaseException:
+        # whatever failed (a check, torch, an interrupt): the weights as they were
+        _restore(saved)
+        raise
     finally:
         model.train(was_training)
     return temps
+
+
+def _snapshot(model: BranchyNet) -> list:
+    """The weights and biases :func:`fold_temperature` may change (each branch's last
+    ``nn.Linear`` and the last stage's), in :func:`_restore`'s format."""
+    layers = [_last_linear(b) for b in model.branches] + [_last_linear(model.stages[-1])]
+    unique = {id(lin): lin for lin in layers if lin is not None}.values()
+    return [(lin, lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+            for lin in unique]
 
 
 def scale_temperatures(model: BranchyNet, val, *, batch_size: int = 256, device: str | torch.device = "cpu"):
@@ -207,10 +222,28 @@ def scale_temperatures(model: BranchyNet, val, *, batch_size: int = 256, device:
     Returns:
         ``(temperatures, ece)``: the N temperatures folded (:func:`fold_temperature`) and
         ``{"before": [N], "after": [N]}`` expected calibration errors.
+
+    Raises:
+        ValueError: labels outside [0, C) or samples with NaN logits in ``val``
+            (:func:`~branchynet.calibrate.exit_table.check_split`), before any weight is
+            changed; a temperature that cannot be folded (the weights put back).
     """
-    logits, y = collect_logits(model, val, batch_size=batch_size, device=device)
-    temps = [fit_temperature(z, y) for z in logits]
-    temps = fold_temperature(model, temps, _first_inputs(val, 256).to(device))
-    ece = {"before": [expected_calibration_error(z, y) for z in logits],
-           "after": [expected_calibration_error(z.double() / t, y) for z, t in zip(logits, temps)]}
+    temps, ece, _ = _scale(model, val, batch_size=batch_size, device=device)
     return temps, ece
+
+
+def _scale(model: BranchyNet, val, *, batch_size: int, device):
+    """:func:`scale_temperatures`, plus the weights as they were before folding (for
+    :func:`_restore`, should a later step of the calibration fail)."""
+    logits, y = collect_logits(model, val, batch_size=batch_size, device=device)
+    check_split(torch.stack([z.isnan().any(1) for z in logits]), y, logits[0].shape[1])
+    temps = [fit_temperature(z, y) for z in logits]
+    saved = _snapshot(model)
+    try:
+        temps = fold_temperature(model, temps, _first_inputs(val, 256).to(device))
+        ece = {"before": [expected_calibration_error(z, y) for z in logits],
+               "after": [expected_calibration_error(z.double() / t, y) for z, t in zip(logits, temps)]}
+    except BaseException:
+        _restore(saved)
+        raise
+    return temps, ece, saved

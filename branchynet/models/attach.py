@@ -26,7 +26,8 @@ from ..config import ExitConfig
 from .branches import (BranchFactory, auto_branch, conv_branch, linear_branch, pool_linear_branch,
                        token_branch)
 from .branchynet import BranchyNet
-from .fx_cut import ancestors, cut_stages
+from .fx_checks import preserved_state
+from .fx_cut import ancestors, copy_stage_input, cut_stages
 
 __all__ = [
     "attach_exits",
@@ -153,16 +154,32 @@ def _check_cuts(model, after, example_input, branches) -> tuple:
 
 def _features_at_cuts(model, stages, example_input, cuts) -> list:
     """Every stage's output on ``example_input`` from one eval-mode forward (it sizes the
-    branches and checks what flows at every cut); the train/eval modes are restored."""
+    branches and checks what flows at every cut); the train/eval modes and the buffers
+    (a leaf module may update its own) are restored. A stage seen modifying its cut's
+    output in place gets its own copy of it, and the pass runs again."""
+    for _ in range(2):
+        copied = []
+        features = _stage_outputs(model, stages, example_input, cuts, copied)
+        if not copied:
+            break
+    return features
+
+
+def _stage_outputs(model, stages, example_input, cuts, copied: list) -> list:
     modes = {m: m.training for m in model.modules()}
     features = []
     try:
         for st in stages:
             st.eval()
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(model):
             h = example_input
             for s, st in enumerate(stages):
-                h = st(h)
+                version = h._version if isinstance(h, torch.Tensor) else None
+                out = st(h)
+                if s > 0 and version is not None and h._version != version:
+                    copy_stage_input(st, model)  # a leaf module's in-place op on the cut's output
+                    copied.append(s)
+                h = out
                 features.append(h)
                 what = cuts[s] if s < len(cuts) else "the model"
                 if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.shape[0] != example_input.shape[0]:

@@ -16,6 +16,9 @@ from typing import Sequence
 
 from torch import fx, nn
 
+from .fx_checks import (FrozenPythonState, check_no_state_updates, copy_input_if_modified, preserved_state,
+                        python_state_reads)
+
 __all__ = ["cut_stages"]
 
 
@@ -25,22 +28,55 @@ def cut_stages(model: nn.Module, cuts: list, leaf_modules: tuple) -> list:
     Each stage is a ``GraphModule`` (a :class:`_DualGraphStage` when the train and eval
     graphs differ) sharing the model's submodules, in the model's train/eval mode.
 
+    What the trace cannot show (:mod:`.fx_checks`): a forward updating a buffer in place
+    is refused; a Python attribute read by a condition is guarded by the first stage; a
+    stage modifying its cut's output in place gets its own copy of it. Tracing leaves the
+    model's buffers and Python attributes as they were; a forward that changes them while
+    traced is refused.
+
     Raises:
         ValueError: a cut that is missing, runs twice, is out of order, or is not the only
-            value flowing on; a model of several inputs or a non-tensor output.
+            value flowing on; a model of several inputs or a non-tensor output; a forward
+            that updates a buffer or parameter in place.
         RuntimeError: torch.fx cannot trace the model.
     """
-    graphs = {}
-    for mode in (True, False):
-        g = _trace(model, cuts, leaf_modules, training=mode)
-        graphs[mode] = _split(g, _cut_nodes(g, cuts), cuts)
+    graphs, traced = {}, []
+    with preserved_state(model) as kept:
+        for mode in (True, False):
+            g = _trace(model, cuts, leaf_modules, training=mode)
+            check_no_state_updates(g, model)
+            traced.append(g)
+            graphs[mode] = _split(g, _cut_nodes(g, cuts), cuts)
+    if kept.changed:
+        raise ValueError(
+            f"attach_exits: tracing {type(model).__name__} changed {', '.join(kept.changed)} (put back): "
+            f"its forward changes state that torch.fx does not record (it runs that Python once, "
+            f"while tracing); keep the modules that do it whole with leaf_modules=, or cut the model "
+            f"by hand with branchynet.from_stages")
+    modules = dict(model.named_modules())
+    for stage_graphs in graphs.values():
+        for g in stage_graphs[1:]:  # a stage that modifies the cut's output in place gets its own copy
+            copy_input_if_modified(g, modules)
     same = all(str(a) == str(b) for a, b in zip(graphs[True], graphs[False]))
     stages = []
     for s, (gt, ge) in enumerate(zip(graphs[True], graphs[False])):
         name = f"Stage{s}"
         stage = fx.GraphModule(model, ge, name) if same else _DualGraphStage(model, gt, ge, name)
         stages.append(stage.train(model.training))
+    reads = python_state_reads(model, traced)
+    if reads:  # every forward runs the first stage: it checks the traced values still hold
+        FrozenPythonState(reads, model).attach(stages[0])
     return stages
+
+
+def copy_stage_input(stage: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``stage`` its own copy of its input (a run showed that it modifies the cut's
+    output in place, inside a leaf module), in each of its graphs."""
+    modules = dict(model.named_modules())
+    graphs = [stage.train_graph, stage.eval_graph] if isinstance(stage, _DualGraphStage) else [stage.graph]
+    for g in graphs:
+        copy_input_if_modified(g, modules, force=True)
+    stage.recompile()
 
 
 def ancestors(name: str) -> list:
@@ -52,6 +88,11 @@ def ancestors(name: str) -> list:
 class _CutTracer(fx.Tracer):
     """fx's tracer with the cut modules (and ``leaf_modules``) kept whole, so each cut is
     one ``call_module`` node whose output is exactly that module's output."""
+
+    # Buffers read in a forward become graph inputs (get_attr) instead of the real
+    # tensors: an in-place update is recorded (and refused) rather than run on the
+    # user's buffer at trace time.
+    proxy_buffer_attributes = True
 
     def __init__(self, cuts: Sequence[str], leaf_modules: tuple) -> None:
         super().__init__()
