@@ -111,11 +111,20 @@ def _kind(arr: np.ndarray) -> str:
 
 def _from_npy(body: bytes) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except ValueError as err:  # object arrays (they would need a pickle) land here too
-        raise HTTPInputError(422, f"the body is not a .npy array of numbers: {err}") from None
-    except Exception as err:  # truncated or not a .npy file at all
+        # The .npy reader itself (np.load would also try .npz and pickles): a file of
+        # Python objects needs a pickle and is refused.
+        arr = np.lib.format.read_array(io.BytesIO(body), allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise HTTPInputError(422, "the .npy body holds Python objects (it would need a pickle, which is "
+                                      "never loaded): send a float array") from None
+        raise HTTPInputError(400, f"the body is not a .npy file: {err}") from None
+    except Exception as err:  # truncated
         raise HTTPInputError(400, f"the body is not a .npy file ({type(err).__name__}: {err})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+        raise HTTPInputError(422, "a .npy body must hold a floating-point array (float16/32/64), got "
+                                  f"dtype {getattr(arr, 'dtype', type(arr).__name__)}")
+    return arr
 
 
 def _from_raw(body: bytes, shape_header: str | None) -> np.ndarray:
