@@ -69,7 +69,7 @@ class ServeProcess:
     """``branchynet serve ARGS`` as a child process (its own session, so nothing it
     starts outlives the test unnoticed); ``url`` once it answers /health."""
 
-    def __init__(self, args: list, log: Path, env: dict | None = None, port: int | None = None):
+    def __init__(self, args: list, log: Path, env: dict | None = None, timeout: float = WAIT):
         e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
         # Output to a file, not a pipe: a chatty child (Ray) must never block on a full pipe.
         self.log = log
@@ -77,10 +77,12 @@ class ServeProcess:
             self.proc = subprocess.Popen([sys.executable, "-m", "branchynet", "serve", *args],
                                          cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}" if port else self._url_from_output()
+        self.url = self._url_from_output(timeout)
 
-    def _url_from_output(self) -> str:
-        deadline = time.monotonic() + WAIT
+    def _url_from_output(self, timeout: float) -> str:
+        """The address in the line printed once the server is up (and its signal
+        handlers are in place)."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             for line in self.output().splitlines():
                 if line.startswith("branchynet serve:") and " on http://" in line:
@@ -89,8 +91,8 @@ class ServeProcess:
         self.kill()
         pytest.fail("branchynet serve printed no address:\n" + self.output())
 
-    def wait_healthy(self, httpx) -> None:
-        deadline = time.monotonic() + WAIT
+    def wait_healthy(self, httpx, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"branchynet serve exited with {self.proc.returncode}:\n{self.output()}")
@@ -101,7 +103,7 @@ class ServeProcess:
                 pass
             time.sleep(0.2)
         self.kill()
-        pytest.fail(f"branchynet serve not healthy within {WAIT} s:\n{self.output()}")
+        pytest.fail(f"branchynet serve not healthy within {timeout} s:\n{self.output()}")
 
     def stop(self, timeout: float = WAIT) -> int:
         """SIGTERM, then the exit status (the test fails if it does not exit in time)."""

@@ -159,12 +159,15 @@ def _serve_ray(args) -> None:
         raise SystemExit("error: --ray needs a fixed --port (Ray Serve's proxy binds it itself)")
     read_checkpoint(args.checkpoint)  # a bad file fails here, not in every replica
     stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {}
     own_cluster = args.address is None
     try:
         ray.init(address=args.address, include_dashboard=False, logging_level=args.log_level.upper(),
                  **({"num_cpus": max(os.cpu_count() or 1, int(args.replicas * args.cpus_per_replica + 0.999))}
                     if own_cluster else {}))
+        # After ray.init, whose core worker installs its own SIGTERM handler (it aborts the
+        # driver): a signal from here on stops the loop below, then Serve and Ray go.
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         serve.start(http_options={"host": args.host, "port": args.port})
         actor = {"num_cpus": args.cpus_per_replica}
         if args.gpus_per_replica:
@@ -176,8 +179,7 @@ def _serve_ray(args) -> None:
         serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/")
         print(f"branchynet serve: {args.checkpoint} on http://{args.host}:{args.port} (Ray Serve, "
               f"{args.replicas} replica{'s' if args.replicas > 1 else ''})", flush=True)
-        while not stop.wait(0.5):
-            pass
+        stop.wait()
     finally:
         # Serve stops routing, lets the replicas finish their requests, closes their
         # ExitServers (drained); then the local Ray processes go. On a cluster we only
