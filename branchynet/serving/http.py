@@ -242,7 +242,7 @@ def create_app(server, input_shape, *, dtype: torch.dtype = torch.float32, max_b
         metrics.samples.inc(len(answers))
         metrics.requests.labels("/v1/predict", "200").inc()
         metrics.request_latency.observe(time.perf_counter() - t0)
-        return {"outputs": out}
+        return JSONResponse({"outputs": out})  # no pydantic pass over plain lists and numbers
 
     @app.get("/health", summary="200 while the model is loaded and the worker runs")
     async def health():

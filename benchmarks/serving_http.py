@@ -1,0 +1,350 @@
+"""Load test of ``branchynet serve`` over HTTP against the same ExitServer in process.
+
+Targets (B-LeNet, randomly initialised, thresholds realising the paper's exit profile, as
+in ``serving_load.py``; every server with the same ``max_batch_size`` / ``max_wait_ms``
+and one torch thread):
+
+- ``embedded``: an :class:`~branchynet.serving.ExitServer` in this process, requests
+  awaited through ``server.predict`` from the same asyncio client loop as the others, so
+  the difference to ``http`` is the HTTP path alone;
+- ``http-json`` / ``http-npy``: ``branchynet serve`` as a child process on loopback, one
+  sample a request, the body JSON (15 KB) or ``.npy`` (3 KB);
+- ``ray-1`` / ``ray-2`` (``--ray``): ``branchynet serve --ray --replicas N`` (npy bodies).
+
+Loads, each bounded in requests and seconds:
+
+- closed loop at a few concurrency levels: C clients each sending its next request when
+  the last is answered; requests/s, p50 / p99 latency;
+- open loop (the issue's Poisson arrivals): a seeded Poisson process at fixed rates; the
+  latency runs from each request's scheduled arrival, so a client falling behind cannot
+  hide queueing.
+
+Throughput is also given per third of each run (median, min, max): the spread within the
+run. The client is one asyncio process (httpx) on the same 2 cores as the server: its CPU
+seconds per request are recorded beside the numbers.
+
+    OMP_NUM_THREADS=1 python benchmarks/serving_http.py --out benchmarks/results/cpu-xeon-2core/serving_http
+    python benchmarks/serving_http.py --quick               # a smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import serving_load as S  # noqa: E402
+from branchynet.checkpoint import save_checkpoint  # noqa: E402
+from branchynet.serving import ExitServer  # noqa: E402
+
+CONCURRENCY = (1, 8, 32, 128)
+RATES = (200.0, 800.0, 1600.0)  # requests/s, open loop
+
+
+# --- what a request is, per target -----------------------------------------------------------
+
+class Embedded:
+    """``await server.predict(sample)`` in this process."""
+
+    def __init__(self, server: ExitServer, pool: torch.Tensor):
+        self.server, self.pool = server, pool
+
+    async def send(self, i: int) -> int:
+        return (await self.server.predict(self.pool[i % len(self.pool)])).exit
+
+
+class Http:
+    """``POST /v1/predict`` with one sample, the body prepared before the run."""
+
+    def __init__(self, client, url: str, pool: torch.Tensor, form: str):
+        self.client, self.url = client, url + "/v1/predict"
+        self.bodies = [_body(x, form) for x in pool]
+        self.headers = {"content-type": "application/json" if form == "json" else "application/x-npy"}
+
+    async def send(self, i: int) -> int:
+        r = await self.client.post(self.url, content=self.bodies[i % len(self.bodies)], headers=self.headers)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        return r.json()["outputs"][0]["exit"]
+
+
+def _body(x: torch.Tensor, form: str) -> bytes:
+    if form == "json":
+        return json.dumps({"inputs": [x.tolist()]}).encode()
+    buf = io.BytesIO()
+    np.save(buf, x.numpy()[None])
+    return buf.getvalue()
+
+
+# --- loads -----------------------------------------------------------------------------------
+
+def _point(lat: list, done_at: list, t0: float, t_end: float, errors: int, cpu_s: float, **what) -> dict:
+    lat_ms = np.asarray(lat) * 1e3
+    span = max(t_end - t0, 1e-9)
+    thirds = [sum(t0 + k * span / 3 <= t < t0 + (k + 1) * span / 3 for t in done_at) / (span / 3)
+              for k in range(3)]
+    n = len(lat)
+    return {**what, "answered": n, "errors": errors, "seconds": span, "rps": n / span,
+            "rps_thirds": {"median": statistics.median(thirds), "min": min(thirds), "max": max(thirds)},
+            "p50_ms": float(np.percentile(lat_ms, 50)) if n else None,
+            "p99_ms": float(np.percentile(lat_ms, 99)) if n else None,
+            "client_cpu_us_per_request": 1e6 * cpu_s / max(n + errors, 1)}
+
+
+async def closed_loop(target, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    """C clients, each sending its next request when its last is answered."""
+    lat, done_at, errors, counter = [], [], [0], iter(range(max_requests))
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    stop = t0 + max_seconds
+
+    async def client():
+        for i in counter:
+            if time.perf_counter() > stop:
+                return
+            s = time.perf_counter()
+            try:
+                await target.send(i)
+            except Exception:
+                errors[0] += 1
+                continue
+            e = time.perf_counter()
+            lat.append(e - s)
+            done_at.append(e)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return _point(lat, done_at, t0, time.perf_counter(), errors[0], time.process_time() - cpu0,
+                  load="closed", concurrency=concurrency)
+
+
+async def open_loop(target, rate: float, max_requests: int, max_seconds: float, seed: int) -> dict:
+    """Poisson arrivals at ``rate``; latency from each scheduled arrival."""
+    arrivals = S.poisson_arrivals(rate, max_requests, max_seconds, seed)
+    lat, done_at, errors = [], [], [0]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+
+    async def one(i, due):
+        try:
+            await target.send(i)
+        except Exception:
+            errors[0] += 1
+            return
+        e = time.perf_counter()
+        lat.append(e - due)
+        done_at.append(e)
+
+    tasks = []
+    for i, a in enumerate(arrivals):
+        due = t0 + float(a)
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.ensure_future(one(i, due)))
+    await asyncio.gather(*tasks)
+    return _point(lat, done_at, t0, time.perf_counter(), errors[0], time.process_time() - cpu0,
+                  load="open", rate=rate, offered=len(arrivals))
+
+
+async def run_loads(target, args, name: str) -> list:
+    points = []
+    await closed_loop(target, 8, 200, 2.0)  # warm-up: connections, first runs
+    for c in args.concurrency:
+        points.append({"target": name, **await closed_loop(target, c, args.max_requests, args.max_seconds)})
+        _say(points[-1])
+    for r in args.rates:
+        points.append({"target": name, **await open_loop(target, r, args.max_requests, args.max_seconds,
+                                                          args.seed)})
+        _say(points[-1])
+    return points
+
+
+def _say(p: dict) -> None:
+    what = f"C={p['concurrency']}" if p["load"] == "closed" else f"{p['rate']:.0f}/s"
+    print(f"  {p['target']:10s} {what:>8s}: {p['rps']:7.0f} req/s  p50 {p['p50_ms']:7.2f} ms  "
+          f"p99 {p['p99_ms']:7.2f} ms  errors {p['errors']}", flush=True)
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+class ServeProcess:
+    """``branchynet serve`` as a child process; ``url`` once it printed its address."""
+
+    def __init__(self, args: list, log: Path):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "branchynet", "serve", *args], cwd=HERE.parent,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("branchynet serve:") and " on http://" in line:
+                    self.url = line.split(" on ")[1].split()[0]
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("branchynet serve did not start:\n" + log.read_text(errors="replace")[-3000:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait()
+
+
+async def _http_points(url: str, pool, names: dict, args) -> list:
+    """The loads over HTTP, for each body form in ``names`` (form -> the target's name)."""
+    import httpx
+
+    limit = max(args.concurrency) + 64
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=limit,
+                                                                  max_keepalive_connections=limit)) as client:
+        deadline = time.monotonic() + 120
+        while (await client.get(url + "/health")).status_code != 200:  # Ray: replicas still starting
+            assert time.monotonic() < deadline, "the server never became healthy"
+            await asyncio.sleep(0.5)
+        points = []
+        for form, name in names.items():
+            points += await run_loads(Http(client, url, pool, form), args, name)
+        return points
+
+
+def measure(args, tmp: Path) -> dict:
+    case = S.paper_case("b_lenet")
+    model, pool = case["model"], case["pool"][: args.pool]
+    model.exit_config.thresholds = list(case["thresholds"])
+    ckpt = tmp / "b_lenet.pt"
+    save_checkpoint(ckpt, model)
+    common = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+              "--max-queued", str(args.max_queued)]
+    points = []
+    print("embedded", flush=True)
+    server = ExitServer(model, case["thresholds"], max_batch_size=args.max_batch_size,
+                        max_wait_ms=args.max_wait_ms, max_queued=args.max_queued)
+    try:
+        points += asyncio.run(run_loads(Embedded(server, pool), args, "embedded"))
+    finally:
+        server.close()
+    print("http", flush=True)
+    srv = ServeProcess([str(ckpt), "--port", "0", "--threads", "1", *common], tmp / "http.log")
+    try:
+        points += asyncio.run(_http_points(srv.url, pool, {"json": "http-json", "npy": "http-npy"}, args))
+    finally:
+        code = srv.stop()
+    assert code == 0, f"branchynet serve exited with {code}"
+    for n in args.ray_replicas:
+        print(f"ray, {n} replicas", flush=True)
+        port = _free_port()
+        srv = ServeProcess([str(ckpt), "--ray", "--replicas", str(n), "--cpus-per-replica", "0.5", "--port",
+                            str(port), "--threads", "1", *common], tmp / f"ray{n}.log")
+        try:
+            points += asyncio.run(_http_points(srv.url, pool, {"npy": f"ray-{n}"}, args))
+        finally:
+            srv.stop()
+    return {"thresholds": case["thresholds"], "exit_profile_target": case["target"],
+            "exit_profile_realised": case["realised"], "points": points}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def http_cost(points: list) -> dict:
+    """What HTTP adds per request: the p50 at concurrency 1 (one request in flight: the
+    batching wait is the same on both sides) minus the embedded server's."""
+    base = {p["target"]: p["p50_ms"] for p in points if p["load"] == "closed" and p["concurrency"] == 1}
+    e = base.get("embedded")
+    return {t: round(v - e, 3) for t, v in base.items() if t != "embedded" and e is not None}
+
+
+def report(res: dict) -> str:
+    env = res["environment"]
+    rows = []
+    for p in res["points"]:
+        what = f"C = {p['concurrency']}" if p["load"] == "closed" else f"Poisson {p['rate']:.0f}/s"
+        t = p["rps_thirds"]
+        rows.append(f"| {p['target']} | {what} | {p['rps']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
+                    f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {p['client_cpu_us_per_request']:.0f} |")
+    cost = ", ".join(f"{k} +{v:.2f} ms" for k, v in res["http_cost_p50_ms"].items())
+    return "\n".join([
+        "# `branchynet serve` under load: HTTP against the in-process ExitServer",
+        "",
+        f"- Command: `{env['command']}`",
+        f"- Commit: {env['commit']}{' (dirty tree)' if env['dirty'] else ''}",
+        f"- Machine: {env['platform']}, `{env['cpu']}`, {env['cpu_count']} CPUs (shared), torch {env['torch']}, "
+        f"1 torch thread per server; load average before: {env['loadavg']}",
+        f"- B-LeNet (random init), thresholds realising the paper's exit profile "
+        f"{res['exit_profile_realised']}; max_batch_size {res['settings']['max_batch_size']}, "
+        f"max_wait_ms {res['settings']['max_wait_ms']}; one sample per request.",
+        "- One run. req/s: the whole run (min-max over its thirds); latency client-side (open loop: from the "
+        "scheduled arrival); client CPU: the load generator's own CPU time per request (it shares the 2 cores).",
+        "",
+        "| target | load | req/s (spread) | p50 ms | p99 ms | errors | client CPU us/req |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"HTTP cost per request (p50 at C = 1 minus the embedded server's): {cost}.",
+        "",
+    ])
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="folder for serving_http.json and report.md")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few requests, no Ray")
+    ap.add_argument("--ray", action="store_true", help="also Ray Serve with 1 and 2 replicas")
+    ap.add_argument("--concurrency", type=lambda s: [int(t) for t in s.split(",")], default=list(CONCURRENCY))
+    ap.add_argument("--rates", type=lambda s: [float(t) for t in s.split(",")], default=list(RATES))
+    ap.add_argument("--max-requests", type=int, default=4000, help="per point")
+    ap.add_argument("--max-seconds", type=float, default=4.0, help="per point")
+    ap.add_argument("--max-batch-size", type=int, default=256)
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--max-queued", type=int, default=100_000)
+    ap.add_argument("--pool", type=int, default=1024, help="distinct samples cycled through")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.ray_replicas = [1, 2] if args.ray else []
+    if args.quick:
+        args.concurrency, args.rates, args.max_requests, args.max_seconds, args.pool = [1, 8], [100.0], 100, 1.0, 64
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = measure(args, Path(tmp))
+    env = S.environment(argv)
+    env["command"] = " ".join(["OMP_NUM_THREADS=1 python", "benchmarks/serving_http.py", *argv])
+    res.update(environment=env, http_cost_p50_ms=http_cost(res["points"]),
+               settings={"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                         "max_requests": args.max_requests, "max_seconds": args.max_seconds})
+    text = report(res)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serving_http.json").write_text(json.dumps(res, indent=1))
+        (args.out / "report.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
