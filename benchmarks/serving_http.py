@@ -83,6 +83,17 @@ class Http:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         return r.json()["outputs"][0]["exit"]
 
+    async def server_time(self):
+        """(seconds, calls) of /v1/predict handling so far, as the server counts them
+        (``branchynet_request_latency_seconds``; with Ray, one replica's)."""
+        text = (await self.client.get(self.url.replace("/v1/predict", "/metrics"))).text
+        got = {}
+        for line in text.splitlines():
+            for k in ("sum", "count"):
+                if line.startswith(f"branchynet_request_latency_seconds_{k}"):
+                    got[k] = got.get(k, 0.0) + float(line.rsplit(" ", 1)[1])
+        return got.get("sum", 0.0), got.get("count", 0.0)
+
 
 def _body(x: torch.Tensor, form: str) -> bytes:
     if form == "json":
@@ -102,6 +113,7 @@ def _point(lat: list, done_at: list, t0: float, t_end: float, errors: int, cpu_s
     n = len(lat)
     return {**what, "answered": n, "errors": errors, "seconds": span, "rps": n / span,
             "rps_thirds": {"median": statistics.median(thirds), "min": min(thirds), "max": max(thirds)},
+            "mean_ms": float(lat_ms.mean()) if n else None,
             "p50_ms": float(np.percentile(lat_ms, 50)) if n else None,
             "p99_ms": float(np.percentile(lat_ms, 99)) if n else None,
             "client_cpu_us_per_request": 1e6 * cpu_s / max(n + errors, 1)}
@@ -161,15 +173,22 @@ async def open_loop(target, rate: float, max_requests: int, max_seconds: float, 
 
 
 async def run_loads(target, args, name: str) -> list:
-    points = []
+    """Every closed-loop and open-loop point on one target. Over plain HTTP, each point
+    also gets the server's own mean handling time per request (``server_ms``: body read
+    to answer, from its metrics), which leaves client and transport to the rest."""
+    server_time = getattr(target, "server_time", None) if name.startswith("http") else None
+    loads = [lambda c=c: closed_loop(target, c, args.max_requests, args.max_seconds) for c in args.concurrency]
+    loads += [lambda r=r: open_loop(target, r, args.max_requests, args.max_seconds, args.seed) for r in args.rates]
     await closed_loop(target, 8, 200, 2.0)  # warm-up: connections, first runs
-    for c in args.concurrency:
-        points.append({"target": name, **await closed_loop(target, c, args.max_requests, args.max_seconds)})
-        _say(points[-1])
-    for r in args.rates:
-        points.append({"target": name, **await open_loop(target, r, args.max_requests, args.max_seconds,
-                                                          args.seed)})
-        _say(points[-1])
+    points = []
+    for load in loads:
+        before = await server_time() if server_time else None
+        p = {"target": name, **await load()}
+        if server_time:
+            (s0, n0), (s1, n1) = before, await server_time()
+            p["server_ms"] = 1e3 * (s1 - s0) / max(n1 - n0, 1)
+        points.append(p)
+        _say(p)
     return points
 
 
@@ -273,11 +292,22 @@ def _free_port() -> int:
 # --- report ----------------------------------------------------------------------------------
 
 def http_cost(points: list) -> dict:
-    """What HTTP adds per request: the p50 at concurrency 1 (one request in flight: the
-    batching wait is the same on both sides) minus the embedded server's."""
-    base = {p["target"]: p["p50_ms"] for p in points if p["load"] == "closed" and p["concurrency"] == 1}
-    e = base.get("embedded")
-    return {t: round(v - e, 3) for t, v in base.items() if t != "embedded" and e is not None}
+    """What HTTP adds per request at concurrency 1 (one request in flight: the same
+    batching waits on both sides), in mean ms over the embedded server's mean: in all
+    (``total``), in the HTTP server (``server``: its handling time minus the embedded
+    latency) and in the client and the loopback transport (``client_transport``)."""
+    c1 = {p["target"]: p for p in points if p["load"] == "closed" and p["concurrency"] == 1}
+    if "embedded" not in c1:
+        return {}
+    e = c1["embedded"]["mean_ms"]
+    out = {}
+    for t, p in c1.items():
+        if t == "embedded":
+            continue
+        out[t] = {"total": round(p["mean_ms"] - e, 3)}
+        if "server_ms" in p:
+            out[t].update(server=round(p["server_ms"] - e, 3), client_transport=round(p["mean_ms"] - p["server_ms"], 3))
+    return out
 
 
 def report(res: dict) -> str:
@@ -286,9 +316,13 @@ def report(res: dict) -> str:
     for p in res["points"]:
         what = f"C = {p['concurrency']}" if p["load"] == "closed" else f"Poisson {p['rate']:.0f}/s"
         t = p["rps_thirds"]
+        server = f"{p['server_ms']:.2f}" if "server_ms" in p else "-"
         rows.append(f"| {p['target']} | {what} | {p['rps']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
-                    f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {p['client_cpu_us_per_request']:.0f} |")
-    cost = ", ".join(f"{k} +{v:.2f} ms" for k, v in res["http_cost_p50_ms"].items())
+                    f"{p['mean_ms']:.2f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {server} | {p['errors']} | "
+                    f"{p['client_cpu_us_per_request']:.0f} |")
+    cost = "; ".join(f"{k} +{v['total']:.2f} ms" + (f" (server +{v['server']:.2f}, client and transport "
+                                                      f"+{v['client_transport']:.2f})" if "server" in v else "")
+                     for k, v in res["http_cost_ms"].items())
     return "\n".join([
         "# `branchynet serve` under load: HTTP against the in-process ExitServer",
         "",
@@ -300,13 +334,15 @@ def report(res: dict) -> str:
         f"{res['exit_profile_realised']}; max_batch_size {res['settings']['max_batch_size']}, "
         f"max_wait_ms {res['settings']['max_wait_ms']}; one sample per request.",
         "- One run. req/s: the whole run (min-max over its thirds); latency client-side (open loop: from the "
-        "scheduled arrival); client CPU: the load generator's own CPU time per request (it shares the 2 cores).",
+        "scheduled arrival); server mean: the HTTP server's own handling time per request (its metrics: body "
+        "read to answer, the ExitServer's wait included); client CPU: the load generator's own CPU time per "
+        "request (it shares the 2 cores).",
         "",
-        "| target | load | req/s (spread) | p50 ms | p99 ms | errors | client CPU us/req |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| target | load | req/s (spread) | mean ms | p50 ms | p99 ms | server mean ms | errors | client CPU us/req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
-        f"HTTP cost per request (p50 at C = 1 minus the embedded server's): {cost}.",
+        f"HTTP cost per request (mean latency at C = 1 minus the embedded server's): {cost}.",
         "",
     ])
 
@@ -335,7 +371,7 @@ def main(argv=None) -> None:
         res = measure(args, Path(tmp))
     env = S.environment(argv)
     env["command"] = " ".join(["OMP_NUM_THREADS=1 python", "benchmarks/serving_http.py", *argv])
-    res.update(environment=env, http_cost_p50_ms=http_cost(res["points"]),
+    res.update(environment=env, http_cost_ms=http_cost(res["points"]),
                settings={"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                          "max_requests": args.max_requests, "max_seconds": args.max_seconds})
     text = report(res)
