@@ -89,8 +89,11 @@ def _serve_http(args) -> None:
     server = ExitServer(model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                         max_queued=args.max_queued, backend=args.backend)
     try:
-        app = create_app(server, model.input_shape, dtype=next(model.parameters()).dtype,
-                         max_body_mb=args.max_body_mb, api_key=args.api_key)
+        try:
+            app = create_app(server, model.input_shape, dtype=next(model.parameters()).dtype,
+                             max_body_mb=args.max_body_mb, api_key=args.api_key)
+        except ImportError as err:
+            raise SystemExit(f"error: {err}") from None
         sock = _listen(args.host, args.port)
         port = sock.getsockname()[1]
         print(f"branchynet serve: {args.checkpoint} on http://{args.host}:{port} "

@@ -30,7 +30,7 @@ wrong bearer token (with ``api_key``), 413 a body over ``max_body_mb`` (refused 
 ``Content-Length`` before any of it is read, or as soon as a streamed body passes the
 limit), 415 another content type, 422 a wrong shape, a non-numeric or non-finite value, a
 dtype that is not floating point, 503 with ``Retry-After`` when the server is overloaded
-or closing.
+or closing, 500 when a stage raised on a run holding one of the request's samples.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ RAW_TYPE = "application/octet-stream"
 
 
 class HTTPInputError(ValueError):
-    """A request the server refuses: ``status`` (4xx) and the message sent back."""
+    """A request the server refuses or cannot answer: ``status`` and the message sent
+    back as ``{"detail": message}``."""
 
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
@@ -290,7 +291,10 @@ async def _answer_all(server, x: torch.Tensor, retry_after_s: int) -> list:
             f.cancel()
         what = "overloaded" if isinstance(err, Overloaded) else "closing"
         raise HTTPInputError(503, f"the server is {what}: {err}", {"Retry-After": str(retry_after_s)}) from None
-    return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    try:
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    except Exception as err:  # a stage raised on a run holding one of these samples
+        raise HTTPInputError(500, f"the model failed on this request ({type(err).__name__}: {err})") from None
 
 
 #: The request bodies /v1/predict reads itself (so FastAPI does not parse, or buffer past
