@@ -109,23 +109,26 @@ def _body(x: torch.Tensor, form: str) -> bytes:
 
 # --- loads -----------------------------------------------------------------------------------
 
-def _point(lat: list, done_at: list, t0: float, t_end: float, errors: int, cpu_s: float, **what) -> dict:
+def _point(lat: list, done_at: list, t0: float, t_end: float, errors: list, cpu_s: float, **what) -> dict:
+    """One load point's figures; ``errors``: the failed requests' messages (the first
+    three kept)."""
     lat_ms = np.asarray(lat) * 1e3
     span = max(t_end - t0, 1e-9)
     thirds = [sum(t0 + k * span / 3 <= t < t0 + (k + 1) * span / 3 for t in done_at) / (span / 3)
               for k in range(3)]
     n = len(lat)
-    return {**what, "answered": n, "errors": errors, "seconds": span, "rps": n / span,
+    return {**what, "answered": n, "errors": len(errors), "error_examples": sorted(set(errors))[:3],
+            "seconds": span, "rps": n / span,
             "rps_thirds": {"median": statistics.median(thirds), "min": min(thirds), "max": max(thirds)},
             "mean_ms": float(lat_ms.mean()) if n else None,
             "p50_ms": float(np.percentile(lat_ms, 50)) if n else None,
             "p99_ms": float(np.percentile(lat_ms, 99)) if n else None,
-            "client_cpu_us_per_request": 1e6 * cpu_s / max(n + errors, 1)}
+            "client_cpu_us_per_request": 1e6 * cpu_s / max(n + len(errors), 1)}
 
 
 async def closed_loop(target, concurrency: int, max_requests: int, max_seconds: float) -> dict:
     """C clients, each sending its next request when its last is answered."""
-    lat, done_at, errors, counter = [], [], [0], iter(range(max_requests))
+    lat, done_at, errors, counter = [], [], [], iter(range(max_requests))
     t0, cpu0 = time.perf_counter(), time.process_time()
     stop = t0 + max_seconds
 
@@ -136,29 +139,29 @@ async def closed_loop(target, concurrency: int, max_requests: int, max_seconds: 
             s = time.perf_counter()
             try:
                 await target.send(i)
-            except Exception:
-                errors[0] += 1
+            except Exception as err:
+                errors.append(f"{type(err).__name__}: {err}")
                 continue
             e = time.perf_counter()
             lat.append(e - s)
             done_at.append(e)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return _point(lat, done_at, t0, time.perf_counter(), errors[0], time.process_time() - cpu0,
+    return _point(lat, done_at, t0, time.perf_counter(), errors, time.process_time() - cpu0,
                   load="closed", concurrency=concurrency)
 
 
 async def open_loop(target, rate: float, max_requests: int, max_seconds: float, seed: int) -> dict:
     """Poisson arrivals at ``rate``; latency from each scheduled arrival."""
     arrivals = S.poisson_arrivals(rate, max_requests, max_seconds, seed)
-    lat, done_at, errors = [], [], [0]
+    lat, done_at, errors = [], [], []
     t0, cpu0 = time.perf_counter(), time.process_time()
 
     async def one(i, due):
         try:
             await target.send(i)
-        except Exception:
-            errors[0] += 1
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {err}")
             return
         e = time.perf_counter()
         lat.append(e - due)
@@ -175,7 +178,7 @@ async def open_loop(target, rate: float, max_requests: int, max_seconds: float, 
     _, late = await asyncio.wait(tasks, timeout=max_seconds)
     for t in late:
         t.cancel()
-    return _point(lat, done_at, t0, time.perf_counter(), errors[0], time.process_time() - cpu0,
+    return _point(lat, done_at, t0, time.perf_counter(), errors, time.process_time() - cpu0,
                   load="open", rate=rate, offered=len(arrivals), unanswered=len(late))
 
 
@@ -341,7 +344,8 @@ def report(res: dict) -> str:
         f"- Command: `{env['command']}`",
         f"- Commit: {env['commit']}{' (dirty tree)' if env['dirty'] else ''}",
         f"- Machine: {env['platform']}, `{env['cpu']}`, {env['cpu_count']} CPUs (shared), torch {env['torch']}, "
-        f"1 torch thread per server; load average before: {env['loadavg']}",
+        f"1 torch thread per server; load average before {env['loadavg']}, after {env['loadavg_after']} "
+        "(other work on the machine: the numbers are noisy)",
         f"- B-LeNet (random init), thresholds realising the paper's exit profile "
         f"{res['exit_profile_realised']}; max_batch_size {res['settings']['max_batch_size']}, "
         f"max_wait_ms {res['settings']['max_wait_ms']}; one sample per request.",
@@ -350,7 +354,8 @@ def report(res: dict) -> str:
         "read to answer, the ExitServer's wait included); client CPU: the load generator's own CPU time per "
         "request (it shares the 2 cores).",
         "",
-        "| target | load | req/s (spread) | mean ms | p50 ms | p99 ms | server mean ms | errors / unanswered | client CPU us/req |",
+        "| target | load | req/s (spread) | mean ms | p50 ms | p99 ms | server mean ms | errors / unanswered "
+        "| client CPU us/req |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
@@ -379,10 +384,11 @@ def main(argv=None) -> None:
     if args.quick:
         args.concurrency, args.rates, args.max_requests, args.max_seconds, args.pool = [1, 8], [100.0], 100, 1.0, 64
     torch.set_num_threads(1)
+    env = S.environment(argv)  # before the run: the commit measured, the load it started under
+    env["command"] = " ".join(["OMP_NUM_THREADS=1 python", "benchmarks/serving_http.py", *argv])
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(args, Path(tmp))
-    env = S.environment(argv)
-    env["command"] = " ".join(["OMP_NUM_THREADS=1 python", "benchmarks/serving_http.py", *argv])
+    env["loadavg_after"] = S._loadavg()
     res.update(environment=env, http_cost_ms=http_cost(res["points"]),
                settings={"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                          "max_requests": args.max_requests, "max_seconds": args.max_seconds})
