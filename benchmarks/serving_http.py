@@ -75,10 +75,24 @@ class Http:
     ~0.3 ms of client CPU a request here, against 1.5-3.4 ms for httpx's AsyncClient,
     which made the client the bottleneck on 2 shared cores)."""
 
-    def __init__(self, session, url: str, pool: torch.Tensor, form: str):
-        self.session, self.url = session, url + "/v1/predict"
+    def __init__(self, url: str, pool: torch.Tensor, form: str):
+        self.session, self.url = None, url + "/v1/predict"
         self.bodies = [_body(x, form) for x in pool]
         self.headers = {"content-type": "application/json" if form == "json" else "application/x-npy"}
+
+    async def fresh(self) -> None:
+        """A new session (new connections) for the next point: the connections of
+        requests a saturated point gave up on are reset by the server."""
+        import aiohttp
+
+        await self.close()
+        # As many connections as requests in flight (open loop: each waits for its own).
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=120))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
     async def send(self, i: int) -> int:
         async with self.session.post(self.url, data=self.bodies[i % len(self.bodies)], headers=self.headers) as r:
@@ -192,6 +206,7 @@ async def run_loads(target, args, name: str) -> list:
     await closed_loop(target, 8, 200, 2.0)  # warm-up: connections, first runs
     points = []
     for load in loads:
+        await _settle(target)
         before = await server_time() if server_time else None
         p = {"target": name, **await load()}
         if server_time:
@@ -200,6 +215,21 @@ async def run_loads(target, args, name: str) -> list:
         points.append(p)
         _say(p)
     return points
+
+
+async def _settle(target, limit_s: float = 60.0) -> None:
+    """Until one request is answered within 50 ms: the backlog a saturated point left
+    (requests its client gave up on, still served) must not weigh on the next point."""
+    if hasattr(target, "fresh"):
+        await target.fresh()
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        with contextlib.suppress(Exception):
+            await target.send(0)
+            if time.perf_counter() - t < 0.05:
+                return
+        await asyncio.sleep(0.2)
 
 
 def _say(p: dict) -> None:
@@ -240,23 +270,23 @@ class ServeProcess:
 
 async def _http_points(url: str, pool, names: dict, args) -> list:
     """The loads over HTTP, for each body form in ``names`` (form -> the target's name)."""
-    import aiohttp
-
-    # Open loop: as many connections as requests in flight (each waits for its own).
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        deadline = time.monotonic() + 120
-        while True:  # Ray: the replicas may still be starting
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url + "/health") as r:
-                    if r.status == 200:
-                        break
-            assert time.monotonic() < deadline, "the server never became healthy"
-            await asyncio.sleep(0.5)
-        points = []
-        for form, name in names.items():
-            points += await run_loads(Http(session, url, pool, form), args, name)
-        return points
+    points = []
+    for form, name in names.items():
+        target = Http(url, pool, form)
+        try:
+            await target.fresh()
+            deadline = time.monotonic() + 120
+            while True:  # Ray: the replicas may still be starting
+                with contextlib.suppress(Exception):
+                    async with target.session.get(url + "/health") as r:
+                        if r.status == 200:
+                            break
+                assert time.monotonic() < deadline, "the server never became healthy"
+                await asyncio.sleep(0.5)
+            points += await run_loads(target, args, name)
+        finally:
+            await target.close()
+    return points
 
 
 def measure(args, tmp: Path) -> dict:
