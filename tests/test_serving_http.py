@@ -323,6 +323,18 @@ def test_create_app_checks_its_arguments(case):
         server.close()
 
 
+def test_serve_command_errors(tmp_path, capsys):
+    from branchynet.cli import main
+
+    assert main(["serve", str(tmp_path / "nope.pt"), "--port", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--ray needs a fixed --port"):
+        main(["serve", str(tmp_path / "nope.pt"), "--ray", "--port", "0"])
+    with pytest.raises(SystemExit):  # argparse: a negative size
+        main(["serve", "m.pt", "--max-body-mb", "-1"])
+    assert "--max-body-mb" in capsys.readouterr().err
+
+
 # --- the real process ---------------------------------------------------------------------
 
 

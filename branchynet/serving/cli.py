@@ -150,6 +150,8 @@ def _uvicorn_server():
 
 def _serve_ray(args) -> None:
     """Ray Serve: a local Ray instance (or ``--address``), ``--replicas`` replicas."""
+    if args.port == 0:
+        raise SystemExit("error: --ray needs a fixed --port (Ray Serve's proxy binds it itself)")
     try:
         import ray
         from ray import serve
@@ -158,8 +160,6 @@ def _serve_ray(args) -> None:
     from ..checkpoint import read_checkpoint
     from .ray import DEPLOYMENT_NAME, deployment
 
-    if args.port == 0:
-        raise SystemExit("error: --ray needs a fixed --port (Ray Serve's proxy binds it itself)")
     read_checkpoint(args.checkpoint)  # a bad file fails here, not in every replica
     stop = threading.Event()
     handlers = {}
