@@ -70,7 +70,8 @@ class ServeProcess:
     starts outlives the test unnoticed); ``url`` once it answers /health."""
 
     def __init__(self, args: list, log: Path, env: dict | None = None, timeout: float = WAIT):
-        e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+        path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
         # Output to a file, not a pipe: a chatty child (Ray) must never block on a full pipe.
         self.log = log
         with open(log, "w") as out:
