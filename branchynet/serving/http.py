@@ -145,7 +145,7 @@ def _from_raw(body: bytes, shape_header: str | None) -> np.ndarray:
 
 
 def decode_inputs(body: bytes, content_type: str, input_shape, shape_header: str | None = None):
-    """One request body as a float64 or float32 array [N, *input_shape] and whether it asks
+    """One request body as a numeric array [N, *input_shape] and whether it asks
     for logits (JSON only; None for the binary forms).
 
     Raises:
