@@ -16,6 +16,12 @@ from setuptools import find_packages, setup
 TRITON = ["triton>=3.8; platform_system == 'Linux'"]
 TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
+# `branchynet serve`: HTTP (FastAPI on uvicorn) and Prometheus metrics. Small: in the test
+# extra, so CI tests the HTTP server (httpx is the tests' and the load test's client).
+# uvicorn[standard]: uvloop and httptools, the fast event loop and HTTP parser.
+SERVE = ["fastapi>=0.100", "uvicorn[standard]>=0.23", "prometheus-client>=0.17"]
+# `branchynet serve --ray`: Ray Serve replicas (~240 MB installed: not in the test extra).
+RAY = ["ray[serve]>=2.10"] + SERVE
 
 
 # --- the compiled extension branchynet._C ------------------------------------------------
@@ -176,7 +182,9 @@ setup(
     extras_require={
         "demo": DEMO,
         "triton": TRITON,
-        "test": TEST + DEMO,
+        "serve": SERVE,
+        "ray": RAY,
+        "test": TEST + DEMO + SERVE + ["httpx>=0.24"],
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},
     ext_modules=EXT_MODULES,

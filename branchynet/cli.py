@@ -1,4 +1,4 @@
-"""The ``branchynet`` command: demo, train, calibrate, bench, build, info."""
+"""The ``branchynet`` command: demo, train, calibrate, bench, build, info, serve."""
 
 from __future__ import annotations
 
@@ -345,7 +345,7 @@ def run_selftest(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchynet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_calibrate, _add_tools):
+    for add in (_add_demo, _add_train, _add_calibrate, _add_tools, _add_serve):
         add(sub)
     return p
 
@@ -462,6 +462,14 @@ def _add_tools(sub) -> None:
                     help="only this backend (repeatable; default: all)")
     st.add_argument("--quick", action="store_true", help="a smaller grid (fp32/fp16, 4 class counts)")
     st.set_defaults(func=run_selftest)
+
+
+def _add_serve(sub) -> None:
+    """``branchynet serve`` (branchynet/serving/cli.py)."""
+    from .serving.cli import add_parser
+
+    add_parser(sub)
+
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError

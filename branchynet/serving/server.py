@@ -214,6 +214,11 @@ class ExitServer:
                             if lat.size else {"p50": None, "p99": None})
         return out
 
+    @property
+    def alive(self) -> bool:
+        """True while the server accepts requests and its worker runs (a health check)."""
+        return not self._closed and self._worker.is_alive()
+
     def record(self) -> dict:
         """What the scheduler saw and did (``record=True``): ``arrivals`` (seconds since
         start, one per accepted request), ``runs`` (``(start s, stage, rows, seconds)``
