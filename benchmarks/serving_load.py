@@ -634,6 +634,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder for serving.json, report.md and the plot")
     ap.add_argument("--full", action="store_true", help="B-ResNet-110 too (slow on a CPU)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated paper networks to run instead (b_lenet, b_resnet110, b_alexnet)")
+    ap.add_argument("--bare-rounds", type=int, default=15, help="rounds of the bare engine / backbone timing")
     ap.add_argument("--quick", action="store_true", help="a smoke run: small batches, few requests")
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -657,11 +660,13 @@ def main(argv=None) -> None:
     kw = dict(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queued=args.max_queued,
               saturation_batches=args.saturation_batches, saturation_repeats=args.repeats,
               max_requests=args.max_requests, max_seconds=args.max_seconds,
-              point_repeats=args.point_repeats, seed=args.seed)
+              point_repeats=args.point_repeats, seed=args.seed, bare_rounds=args.bare_rounds)
     if args.quick:
         kw.update(max_batch_size=32, saturation_batches=4, saturation_repeats=1, max_requests=150,
                   max_seconds=1.0, point_repeats=1, bare_rounds=2)
     names = [None if args.checkpoint else "b_lenet"] + (["b_resnet110"] if args.full else [])
+    if args.models:
+        names = [None] * bool(args.checkpoint) + args.models.split(",")
     results = {"loadavg_before": _loadavg(), "gc_paused_during_runs": PAUSE_GC, "models": {}}
     t0 = time.perf_counter()
     for name in names:
