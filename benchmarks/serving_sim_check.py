@@ -10,7 +10,8 @@ The simulator's inputs, each measured apart from the runs it predicts:
   1, 2, 4, ... ``max_batch_size`` rows, measured alone;
 - the server's own cost of a run (taking the rows from the queue, answering, queueing the
   survivors): the worker's busy time per run (``ExitServer(record=True)``) of a server of
-  a model with no compute (a 4 -> 2 linear layer) at saturation, as a function of the rows;
+  a model with no compute (a 4 -> 2 linear layer), full runs of 1 to ``max_batch_size``
+  rows back to back with every request queued first, as a function of the rows;
 - the timer's lag: how late ``threading.Condition.wait(max_wait)`` returns on this machine
   (the worker sleeps so until a budget runs out).
 
@@ -49,18 +50,41 @@ from branchynet.tables import markdown_table  # noqa: E402
 CONFIGS = ("backbone", "per_batch", "rebatch")
 
 
-def server_overhead(batch: int, n: int = 8192):
+class _Gated(nn.Module):
+    """A 4 -> 2 linear layer whose forward waits until the gate opens: the requests of a
+    measurement are all queued before the first run, so no submitting thread competes
+    with the worker for the interpreter while its runs are timed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.gate = threading.Event()
+
+    def forward(self, x):
+        self.gate.wait()
+        return self.lin(x)
+
+
+def server_overhead(batch: int, runs: int = 8):
     """The server's own cost of a run, ``rows -> seconds``: the worker's busy time per run
-    (:meth:`ExitServer.record`'s ``busy``) serving a model whose compute is negligible (a
-    4 -> 2 linear layer) at saturation, grouped and interpolated by rows."""
+    (:meth:`ExitServer.record`'s ``busy``) serving a model whose compute is negligible,
+    full runs of 1, 4, 16, ... ``batch`` rows back to back (``runs`` of each), with
+    nothing else running; grouped and interpolated by rows."""
     from branchynet.serving import ExitServer
 
-    tiny = nn.Linear(4, 2).eval()
-    x = torch.randn(n, 4)
-    with L._gc_paused(), ExitServer(tiny, max_batch_size=batch, max_queued=n, record=True) as server:
-        for f in [server.submit(x[i]) for i in range(n)]:
-            f.result(timeout=60)
-        busy = server.record()["busy"]
+    busy = []
+    sizes = sorted({min(batch, 4 ** i) for i in range(8)})
+    for b in sizes:
+        model = _Gated().eval()
+        x = torch.randn(runs * b + 1, 4)
+        with L._gc_paused(), ExitServer(model, max_batch_size=b, max_wait_ms=0.0, max_queued=len(x),
+                                        record=True) as server:
+            first = server.submit(x[0])  # its run waits at the gate while the rest queue
+            futs = [server.submit(x[i]) for i in range(1, len(x))]
+            model.gate.set()
+            for f in [first] + futs:
+                f.result(timeout=60)
+            busy += server.record()["busy"][1:]
     curve = stage_time_from_record(busy, num_stages=1)
     return lambda k: curve(0, k)
 
