@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_size", "first_tensor", "gather_state", "slice_state", "state_input"]
+__all__ = ["batch_size", "first_tensor", "gather_state", "slice_state", "state_input", "to_device"]
 
 
 def state_input(x, inputs: dict):
@@ -77,6 +77,13 @@ def slice_state(h, start: int, stop: int):
     """Rows ``start:stop`` of every batch tensor of ``h`` (the one-sample runs)."""
     k = batch_size(h)
     return _map(h, lambda t: t[start:stop] if t.dim() and t.shape[0] == k else t)
+
+
+def to_device(h, device, non_blocking: bool = False):
+    """A batch's inputs (a tensor, or a tuple or dict of them) on ``device``."""
+    if isinstance(h, torch.Tensor):
+        return h.to(device, non_blocking=non_blocking)
+    return _map(h, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 def check_state(h, device: torch.device | None) -> tuple:

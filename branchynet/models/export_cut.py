@@ -21,6 +21,7 @@ model's logits.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 from bisect import bisect_left
@@ -85,7 +86,7 @@ def export_stages(model: nn.Module, cuts: list, example_input: dict) -> list:
         holder = _holder(values, gt, ge)
         name = f"ExportedStage{s}"
         same = str(gt) == str(ge)
-        stage = fx.GraphModule(holder, ge, name) if same else _DualGraphStage(holder, gt, ge, name)
+        stage = fx.GraphModule(holder, ge, name) if same else _DualStage(holder, gt, ge, name)
         stages.append(stage.train(model.training))
     return stages
 
@@ -315,6 +316,17 @@ def _logits_node(ep, output):
         return leaves[0]
     raise ValueError(f"the model returns {spec}; attach_exits needs its logits [B, C] (one tensor, "
                      f"or an output with .logits)")
+
+
+class _DualStage(_DualGraphStage):
+    """A stage with a train graph (dropout on) and an eval graph, that survives
+    ``copy.deepcopy`` (GraphModule's own copy keeps only the current graph)."""
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        res.train_graph = copy.deepcopy(self.train_graph, memo)
+        res.eval_graph = copy.deepcopy(self.eval_graph, memo)
+        return res.train(self.training)
 
 
 class InputStage(nn.Module):
