@@ -12,8 +12,11 @@ from setuptools import find_packages, setup
 # Triton is in the test extra because its kernels are tested on the CPU too, under
 # TRITON_INTERPRET=1; its wheels exist for Linux only.
 TRITON = ["triton>=3.0; platform_system == 'Linux'"]
-TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
+# Exits on Hugging Face models (tests/test_hf.py: tiny random configs, no downloads; about a
+# minute on 2 cores, most of it in torch.export), so the tests install it too.
+HF = ["transformers>=5.0"]
+TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON + HF
 
 
 # --- the compiled extension branchynet._C ------------------------------------------------
@@ -165,6 +168,7 @@ setup(
     extras_require={
         "demo": DEMO,
         "triton": TRITON,
+        "hf": HF,
         "test": TEST + DEMO,
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},
