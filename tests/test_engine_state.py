@@ -165,3 +165,28 @@ def test_patience_arguments():
     assert eng.criterion == "entropy"
     eng.criterion = "patience"
     assert eng(torch.randn(5, 12)).counts[0] == 0  # cnt_0 = 0 < P: nobody leaves at exit 0
+
+
+def test_choose_patience_scores_every_p_as_the_engine_decides():
+    from branchynet.calibrate import collect_exit_outputs
+    from branchynet.calibrate.patience import choose_patience
+
+    model = random_mlp(seed=3, num_exits=6, classes=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 12, generator=g)
+    with torch.no_grad():
+        y = model(x)[-1].argmax(1)
+    y[:30] = torch.randint(0, 3, (30,), generator=g)  # the final exit is not always right
+    table = collect_exit_outputs(model, torch.utils.data.TensorDataset(x, y))
+    choice = choose_patience(table, max_drop=0.05)
+    assert [r[0] for r in choice.table] == [1, 2, 3, 4]
+    for p, acc, _, fractions in choice.table:
+        res = EarlyExitEngine(model, criterion="patience", patience=p)(x)
+        assert res.exit_fractions == pytest.approx(fractions)
+        assert float((res.pred == y).float().mean()) == pytest.approx(acc)
+    final = float((table.pred[-1] == y).float().mean())
+    assert choice.accuracy >= final - 0.05
+    cheaper = [r for r in choice.table if r[2] < [c for c in choice.table if c[0] == choice.patience][0][2]]
+    assert all(r[1] < final - 0.05 for r in cheaper)  # nothing cheaper meets the floor
+    with pytest.raises(ValueError, match="2 side exits"):
+        choose_patience(collect_exit_outputs(random_mlp(num_exits=2), torch.utils.data.TensorDataset(x, y)))
