@@ -18,9 +18,11 @@ import torch
 
 from branchynet import EarlyExitEngine, attach_exits, joint_loss, load_checkpoint
 from branchynet.cli import main
+from branchynet.ops import available_backends
 from branchynet.testing import compare_engine, patience_rule, per_sample_rule, split_thresholds
 from branchynet.train import train
 
+BACKENDS = [b for b in available_backends("cpu") if b in ("torch", "cpp")]
 REQUIRE_HF = os.environ.get("BRANCHYNET_REQUIRE_HF", "") not in ("", "0")
 
 
@@ -93,7 +95,7 @@ def test_final_exit_is_the_model(kind):
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "vit"])
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_equals_per_sample_rule_on_mixed_lengths(kind, backend):
     _, net = _built(kind)
     x = _inputs(kind, b=24, seed=1)
