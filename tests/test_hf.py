@@ -232,3 +232,31 @@ def test_cli_trains_a_local_hf_config_and_reloads_it(tmp_path):
     assert sum(res.counts) == 5
     with pytest.raises(SystemExit, match="hf:PATH_OR_CONFIG"):
         main(["train", "--arch", "hf", "--after", "x"])
+
+
+class CheckedNet(torch.nn.Module):
+    """torch.fx cannot trace a test on the input's shape; torch.export can: the exported
+    cut serves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("CheckedNet takes 8 features")
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_model_fx_cannot_trace_is_cut_from_its_exported_graph():
+    net = CheckedNet().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(net)
+    model = attach_exits(net, ["a"], example_input=torch.randn(4, 8)).eval()
+    x = torch.randn(9, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+    assert model.multi_tensor and model.input_shape == (8,)
+    th = split_thresholds(model, x)
+    res = EarlyExitEngine(model, th)(x)
+    assert [f for f, _ in compare_engine(res, per_sample_rule(model, x, th))] == [None] * 9

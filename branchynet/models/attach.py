@@ -59,8 +59,9 @@ def attach_exits(
     parameters: training the result trains ``model``), and the last stage ends with the
     model's output, so the final exit equals ``model(x)``.
 
-    Models torch.fx cannot trace (Hugging Face Transformers), or given ``example_input``
-    as the model's keyword arguments, are cut from their ``torch.export`` graph instead
+    Models torch.fx cannot trace (Hugging Face Transformers, or any whose fx trace
+    fails), or given ``example_input`` as the model's keyword arguments, are cut from
+    their ``torch.export`` graph instead
     (:mod:`branchynet.models.export_cut`): the stages then pass a tuple of tensors
     ``(features, attention_mask, ...)``, the result takes the model's keyword arguments
     and its default side branches pool the unmasked tokens
@@ -102,17 +103,12 @@ def attach_exits(
             or nested in each other, a cut that is not the only value flowing on, a model
             whose output is not one tensor [B, C], a ``num_classes`` that differs from it,
             a ``branches`` list of the wrong length.
-        RuntimeError: torch.fx cannot trace the model (use ``leaf_modules`` or
-            :func:`branchynet.from_stages`).
+        RuntimeError: neither torch.fx nor torch.export can trace the model (use
+            ``leaf_modules`` or :func:`branchynet.from_stages`).
     """
     cuts, branches = _check_cuts(model, after, example_input, branches)
-    exported = isinstance(example_input, dict) or exports_only(model)
-    if exported:
-        example_input = as_input_dict(model, example_input)
-        stages = export_stages(model, cuts, example_input)
-        stages[0] = InputStage(stages[0], list(example_input))
-    else:
-        stages = cut_stages(model, cuts, tuple(leaf_modules))
+    shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else None
+    stages, example_input, exported = _cut(model, cuts, example_input, tuple(leaf_modules))
     states = _features_at_cuts(model, stages, example_input, cuts)
     features = [h[0] for h in states[:-1]] + states[-1:] if exported else states
     logits = features[-1]
@@ -135,11 +131,31 @@ def attach_exits(
         if not isinstance(b, nn.Module):
             raise TypeError(f"branch {s} must be an nn.Module, got {type(b).__name__}")
         built.append((state_branch(b) if exported else b).train(model.training))
-    shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else None
     net = BranchyNet(stages, built + [nn.Identity()], exit_config=exit_config, input_shape=shape,
                      num_classes=num_classes)
     net.multi_tensor = exported
     return net
+
+
+def _cut(model, cuts: list, example_input, leaf_modules: tuple) -> tuple:
+    """``(stages, example_input, exported)``: the fx cut where fx traces the model, else
+    the cut of its exported graph (then the example becomes the model's keyword
+    arguments and the first stage takes them)."""
+    fx_error = None
+    if not (isinstance(example_input, dict) or exports_only(model)):
+        try:
+            return cut_stages(model, cuts, leaf_modules), example_input, False
+        except RuntimeError as err:  # torch.fx cannot trace it: the exported graph may do
+            fx_error = err
+    example_input = as_input_dict(model, example_input)
+    try:
+        stages = export_stages(model, cuts, example_input)
+    except RuntimeError as err:
+        if fx_error is None:
+            raise
+        raise RuntimeError(f"{fx_error}; and {err}") from err
+    stages[0] = InputStage(stages[0], list(example_input))
+    return stages, example_input, True
 
 
 def _check_cuts(model, after, example_input, branches) -> tuple:
