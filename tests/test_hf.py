@@ -260,3 +260,13 @@ def test_a_model_fx_cannot_trace_is_cut_from_its_exported_graph():
     th = split_thresholds(model, x)
     res = EarlyExitEngine(model, th)(x)
     assert [f for f, _ in compare_engine(res, per_sample_rule(model, x, th))] == [None] * 9
+
+
+def test_compiled_stages_give_the_eager_answers():
+    _, net = _built("bert")
+    x = _inputs("bert", b=24, seed=1)
+    th = split_thresholds(net, x)
+    want = EarlyExitEngine(net, th)(**x)
+    got = EarlyExitEngine(net, th, compile={"backend": "eager"})(**x)  # dynamo over the cut graphs
+    assert torch.equal(got.exit, want.exit) and torch.equal(got.pred, want.pred)
+    torch.testing.assert_close(got.logits, want.logits)
