@@ -281,6 +281,8 @@ class EarlyExitEngine:
             :class:`ExitResult` for every row, in input order.
         """
         if inputs or self._multi or not isinstance(x, torch.Tensor):
+            if len(inputs) == 1 and "x" in inputs and x is None and not self._multi_model:
+                return self(inputs["x"])  # engine(x=...), as before keyword arguments
             return self._call_state(state_input(x, inputs))
         self._check_input(x)
         with _inference_mode(True):
@@ -589,6 +591,8 @@ class EarlyExitEngine:
         Gives the same answers as :meth:`__call__`, and is the baseline the batched engine
         is timed against.
         """
+        if len(inputs) == 1 and "x" in inputs and x is None and not self._multi_model:
+            x, inputs = inputs["x"], {}  # per_sample(x=...), as before keyword arguments
         if inputs or self._multi or not isinstance(x, torch.Tensor):
             h = state_input(x, inputs)
             b, dev = check_state(h, self._device())

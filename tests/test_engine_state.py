@@ -194,3 +194,12 @@ def test_choose_patience_scores_every_p_as_the_engine_decides():
     assert all(r[1] < final - 0.05 for r in cheaper)  # nothing cheaper meets the floor
     with pytest.raises(ValueError, match="2 side exits"):
         choose_patience(collect_exit_outputs(random_mlp(num_exits=2), torch.utils.data.TensorDataset(x, y)))
+
+
+def test_x_by_keyword_still_means_the_input_tensor():
+    model = random_mlp()
+    x = torch.randn(6, 12)
+    eng = EarlyExitEngine(model, [0.3, 0.3])
+    a, b = eng(x), eng(x=x)
+    assert torch.equal(a.exit, b.exit) and torch.equal(a.pred, b.pred)
+    assert torch.equal(eng.per_sample(x=x).exit, a.exit)
