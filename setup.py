@@ -14,7 +14,6 @@ from setuptools import find_packages, setup
 # 3.8 and 3.9 (the Triton of torch 2.14.1 and of 2.13) are the releases whose compiled
 # kernels were checked free of spills (docs/backends.md, "Supported versions").
 TRITON = ["triton>=3.8; platform_system == 'Linux'"]
-TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
 # `branchynet serve`: HTTP (FastAPI on uvicorn) and Prometheus metrics. Small: in the test
 # extra, so CI tests the HTTP server (httpx is the tests' and the load test's client).
@@ -22,6 +21,10 @@ DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
 SERVE = ["fastapi>=0.100", "uvicorn[standard]>=0.23", "prometheus-client>=0.17"]
 # `branchynet serve --ray`: Ray Serve replicas (~240 MB installed: not in the test extra).
 RAY = ["ray[serve]>=2.10"] + SERVE
+# Exits on Hugging Face models (tests/test_hf.py: tiny random configs, no downloads; about a
+# minute on 2 cores, most of it in torch.export), so the tests install it too.
+HF = ["transformers>=5.0"]
+TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON + HF
 
 
 # --- the compiled extension branchynet._C ------------------------------------------------
@@ -184,6 +187,7 @@ setup(
         "triton": TRITON,
         "serve": SERVE,
         "ray": RAY,
+        "hf": HF,
         "test": TEST + DEMO + SERVE + ["httpx>=0.24"],
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},

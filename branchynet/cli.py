@@ -207,13 +207,17 @@ def _build_arch(args, splits):
     from .models.attach import torchvision_exits
 
     kind, _, name = args.arch.partition(":")
-    if kind != "torchvision" or not name:
-        raise SystemExit(f"error: --arch must be torchvision:NAME (e.g. torchvision:resnet18), got {args.arch!r}")
+    if kind not in ("torchvision", "hf") or not name:
+        raise SystemExit(f"error: --arch must be torchvision:NAME (e.g. torchvision:resnet18) or "
+                         f"hf:PATH_OR_CONFIG (a local Hugging Face model directory or config.json), got {args.arch!r}")
     if not args.after:
         raise SystemExit("error: --arch needs --after, the modules to put exits after (e.g. layer1,layer2)")
+    build = torchvision_exits
+    if kind == "hf":
+        from .models.hf import hf_exits as build
     try:
-        return torchvision_exits(name, args.after, splits.num_classes, splits.input_shape,
-                                 weights=args.pretrained, branch=args.branch)
+        return build(name, args.after, splits.num_classes, splits.input_shape,
+                     weights=args.pretrained, branch=args.branch)
     except (ImportError, ValueError, RuntimeError) as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -395,7 +399,8 @@ def _add_train(sub) -> None:
     t.add_argument("--weights", type=_float_list, default=None,
                    help="joint-loss weights, comma separated, one per exit")
     t.add_argument("--main-first", type=_nonneg_int, default=0, help="epochs training the final exit alone first")
-    t.add_argument("--arch", default=None, help="torchvision:NAME, exits on a torchvision model (instead of --model)")
+    t.add_argument("--arch", default=None, help="torchvision:NAME or hf:PATH_OR_CONFIG, exits on a torchvision "
+                   "or local Hugging Face model (instead of --model)")
     t.add_argument("--after", type=_name_list, default=None, help="with --arch: module names to put exits after")
     t.add_argument("--pretrained", default=None, help="with --arch: a local state_dict file to start from")
     t.add_argument("--branch", default="auto", choices=("auto", "conv"), help="with --arch: side branch kind")

@@ -25,6 +25,7 @@ argument checks and the docstrings of its public arguments.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -34,6 +35,8 @@ from .config import check_thresholds, criterion_id
 from .models.branchynet import BranchyNet
 from .ops import bind, resolve_backend
 from .ops._backends import new_outputs
+from .patience import check_patience, patience_region
+from .state import check_state, first_tensor, gather_state, slice_state, state_input
 
 __all__ = ["EarlyExitEngine", "ExitResult"]
 
@@ -88,6 +91,10 @@ class EarlyExitEngine:
             a sequence of sizes (counts above the largest are padded to a multiple of
             it). Padded rows never reach the exit op: they write no output and are not
             counted. Needs ``compile``.
+        patience: P of ``criterion="patience"`` (PABEE): a sample leaves at the first
+            side exit whose prediction equals that of the P exits before it
+            (:mod:`branchynet.patience`); the thresholds are not used, and the regions
+            run eagerly (the decision reads each row's streak on the host).
 
     Example:
         >>> engine = EarlyExitEngine(model, thresholds=[0.05])
@@ -103,11 +110,16 @@ class EarlyExitEngine:
         criterion: str | None = None,
         compile: bool | str | dict = False,
         buckets: bool | Sequence[int] | None = None,
+        patience: int | None = None,
     ) -> None:
         if not isinstance(model, BranchyNet):
             raise TypeError(f"model must be a branchynet.BranchyNet, got {type(model).__name__}")
         self.model = model.eval()
         self.num_exits = model.num_exits
+        # Stages that pass a tuple or dict of tensors (exits on an exported graph): calls
+        # take the state path even with one tensor in.
+        self._multi_model = bool(getattr(model, "multi_tensor", False))
+        self.patience = patience
         cfg = model.exit_config
         self.thresholds = cfg.thresholds if thresholds is None else thresholds
         self.criterion = cfg.criterion if criterion is None else criterion
@@ -128,9 +140,26 @@ class EarlyExitEngine:
 
     @criterion.setter
     def criterion(self, value: str) -> None:
-        self._cid = criterion_id(value)
+        if value == "patience":
+            check_patience(self.patience)
+            # The exit op writes the leaving rows; their score is the entropy.
+            self._cid, self._patience = criterion_id("entropy"), self.patience
+        else:
+            self._cid, self._patience = criterion_id(value), None
         self._criterion = value
+        self._multi = self._multi_model or self._patience is not None
         self._regions = {}  # they hold the criterion (a graph's constant)
+
+    @property
+    def patience(self) -> int | None:
+        """P of the patience criterion (None: not set)."""
+        return self._patience_p
+
+    @patience.setter
+    def patience(self, value: int | None) -> None:
+        self._patience_p = None if value is None else check_patience(value)
+        if getattr(self, "_criterion", None) == "patience":
+            self.criterion = "patience"
 
     @property
     def compile_options(self) -> dict | None:
@@ -239,15 +268,22 @@ class EarlyExitEngine:
 
     # -- inference -----------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor) -> ExitResult:
+    def __call__(self, x: torch.Tensor | tuple | dict | None = None, /, **inputs) -> ExitResult:
         """Batched early exit.
 
         Args:
-            x: [B, ...] input batch (B may be 0), on the model's device.
+            x: [B, ...] input batch (B may be 0), on the model's device; or a tuple or
+                dict of tensors (the first tensor gives B), for stages that carry several.
+            **inputs: the model's own keyword arguments instead of ``x`` (e.g.
+                ``input_ids=[B, S], attention_mask=[B, S]`` for an exported Transformer).
 
         Returns:
-            :class:`ExitResult` for every row of ``x``, in input order.
+            :class:`ExitResult` for every row, in input order.
         """
+        if inputs or self._multi or not isinstance(x, torch.Tensor):
+            if len(inputs) == 1 and "x" in inputs and x is None and not self._multi_model:
+                return self(inputs["x"])  # engine(x=...), as before keyword arguments
+            return self._call_state(state_input(x, inputs))
         self._check_input(x)
         with _inference_mode(True):
             if self._compile is None or x.shape[0] == 0:
@@ -260,7 +296,24 @@ class EarlyExitEngine:
                 torch.compiler.cudagraph_mark_step_begin()
             return self._run(x, self._plan(x.device, True), out, padded=True)
 
-    def _run(self, x: torch.Tensor, plan: tuple, out: list, padded: bool = False) -> ExitResult:
+    def _call_state(self, h) -> ExitResult:
+        """:meth:`__call__` for a state of several tensors (or the patience rule): the same
+        loop and regions, with :func:`~branchynet.state.gather_state` as the gather."""
+        if self.model.training:
+            raise RuntimeError("the model is in training mode: call model.eval() before inference")
+        b, dev = check_state(h, self._device())
+        rows = self._rows(b, dev)
+        with _inference_mode(True):
+            if self._compile is None or self._patience is not None or b == 0:
+                return self._run(h, self._plan(dev, False, True), [], rows=rows)
+            c, dtype = self._spec(h)
+            out = new_outputs(b, c, dtype, dev)
+            padded = self._buckets is not None
+            if padded and self._cudagraphs():
+                torch.compiler.cudagraph_mark_step_begin()
+            return self._run(h, self._plan(dev, True, True), out, padded=padded, rows=rows)
+
+    def _run(self, x, plan: tuple, out: list, padded: bool = False, rows=None) -> ExitResult:
         """The one compaction loop: region n (stage, branch, exit op) on the rows still in
         flight, then the survivors gathered for region n + 1.
 
@@ -272,9 +325,11 @@ class EarlyExitEngine:
                 op to fill.
             padded: the regions run static graphs: survivors are gathered padded up to
                 their bucket (:meth:`_pad`).
+            rows: ``arange(B)`` for a state of several tensors (default: from ``x``).
         """
-        b = x.shape[0]
-        rows = self._rows(b, x.device)
+        if rows is None:
+            rows = self._rows(x.shape[0], x.device)
+        b = rows.shape[0]
         regions, gather = plan
         last_n = self.num_exits - 1
         counts = [0] * self.num_exits
@@ -295,18 +350,30 @@ class EarlyExitEngine:
 
     # -- regions ---------------------------------------------------------------------------
 
-    def _plan(self, device: torch.device, compiled: bool) -> tuple:
-        """``(regions, gather)`` for inputs on ``device``, built once (per thresholds)."""
-        key = (device, True) if compiled else device  # a tuple costs ~0.1 us at B = 1
+    def _plan(self, device: torch.device, compiled: bool, state: bool = False) -> tuple:
+        """``(regions, gather)`` for inputs on ``device``, built once (per thresholds).
+
+        ``state``: the stages carry a tuple or dict of tensors (or the criterion is
+        patience, whose per-row streak rides with the features): the gather is
+        :func:`gather_state`, picked here once so that a one-tensor state keeps the
+        bound op's gather and pays nothing for the others."""
+        key = ((device, True) if compiled else device) if not state else (device, compiled, "state")
         plan = self._regions.get(key)
         if plan is None:
             op = self._op(device)
-            if not compiled:
+            if self._patience is not None:
+                make = self._patience_region
+            elif not compiled:
                 make = self._eager_region
             else:
                 make = self._compiled_region if self._buckets is None else self._bucket_region
-            plan = self._regions[key] = ([make(n, op) for n in range(self.num_exits)], op.gather)
+            gather = op.gather if not state else partial(gather_state, op.gather)
+            plan = self._regions[key] = ([make(n, op) for n in range(self.num_exits)], gather)
         return plan
+
+    def _patience_region(self, n: int, op):
+        stage, branch, _, cid, last = self._exit_args(n)
+        return patience_region(n, stage, branch, op.step, self._patience, cid, last)
 
     def _exit_args(self, n: int) -> tuple:
         """``(stage, branch, threshold, criterion id, last)`` of exit n."""
@@ -415,12 +482,13 @@ class EarlyExitEngine:
         and branch on one row, once per (device, dtype, autocast): the compiled regions
         need the output buffers before the first branch runs, and every branch is checked
         here with the eager engine's errors."""
-        dt = x.device.type
+        t = x if isinstance(x, torch.Tensor) else first_tensor(x)
+        dt = t.device.type
         ac = torch.is_autocast_enabled(dt)
-        key = (x.device, x.dtype, ac, torch.get_autocast_dtype(dt) if ac else None)
+        key = (t.device, t.dtype, ac, torch.get_autocast_dtype(dt) if ac else None)
         spec = self._specs.get(key)
         if spec is None:
-            h, first = x[:1], None
+            h, first = (x[:1] if x is t else slice_state(x, 0, 1)), None
             for n, (stage, branch) in enumerate(zip(self.model.stages, self.model.branches)):
                 h = stage(h)
                 z = branch(h)
@@ -516,25 +584,39 @@ class EarlyExitEngine:
                     h = region(h, rows, out)[0]
 
     @torch.inference_mode()
-    def per_sample(self, x: torch.Tensor) -> ExitResult:
+    def per_sample(self, x: torch.Tensor | tuple | dict | None = None, /, **inputs) -> ExitResult:
         """The paper's regime: one sample at a time (B = 1), each through every exit it
-        needs, with a host decision per exit.
+        needs, with a host decision per exit. Takes what :meth:`__call__` takes.
 
         Gives the same answers as :meth:`__call__`, and is the baseline the batched engine
         is timed against.
         """
+        if len(inputs) == 1 and "x" in inputs and x is None and not self._multi_model:
+            x, inputs = inputs["x"], {}  # per_sample(x=...), as before keyword arguments
+        if inputs or self._multi or not isinstance(x, torch.Tensor):
+            h = state_input(x, inputs)
+            b, dev = check_state(h, self._device())
+            plan, one = self._plan(dev, False, True), self._rows(1, dev)
+            if b == 0:
+                return self._run(h, plan, [], rows=self._rows(0, dev))
+            results = [self._run(slice_state(h, i, i + 1), plan, [], rows=one) for i in range(b)]
+            return _concat(results)
         self._check_input(x)
         plan = self._plan(x.device, False)
         if x.shape[0] == 0:
             return self._run(x, plan, [])
-        results = [self._run(x[i:i + 1], plan, []) for i in range(x.shape[0])]
-        return ExitResult(
-            logits=torch.cat([r.logits for r in results]),
-            pred=torch.cat([r.pred for r in results]),
-            exit=torch.cat([r.exit for r in results]),
-            entropy=torch.cat([r.entropy for r in results]),
-            counts=[sum(c) for c in zip(*(r.counts for r in results))],
-        )
+        return _concat([self._run(x[i:i + 1], plan, []) for i in range(x.shape[0])])
+
+
+def _concat(results: list) -> ExitResult:
+    """One :class:`ExitResult` from the one-sample results, in order."""
+    return ExitResult(
+        logits=torch.cat([r.logits for r in results]),
+        pred=torch.cat([r.pred for r in results]),
+        exit=torch.cat([r.exit for r in results]),
+        entropy=torch.cat([r.entropy for r in results]),
+        counts=[sum(c) for c in zip(*(r.counts for r in results))],
+    )
 
 
 # torch.inference_mode's own C++ guard (private API): entering the public context manager

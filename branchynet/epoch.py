@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .distributed import all_reduce_sum, world_size
 from .loss import joint_loss
 from .models.branchynet import BranchyNet
+from .state import to_device
 
 __all__ = ["AMP_DTYPES", "check_amp", "forward_frozen", "train_epoch", "trainable", "wrap_ddp"]
 
@@ -51,7 +52,7 @@ def train_epoch(model, loader, opt, w, device, progress, desc, ddp=None, amp_dty
     n = 0
     bar = _progress_bar(loader, desc, progress)
     for i, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = forward(x) if freeze is None or ddp is not None else forward_frozen(model, x)
             # Only exits with a non-zero weight enter the graph: the others' branches (and

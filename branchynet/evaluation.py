@@ -13,6 +13,7 @@ from .data import DataSplits
 from .distributed import all_reduce_sum, is_distributed
 from .loaders import eval_loader, shard
 from .models.branchynet import BranchyNet
+from .state import to_device
 
 __all__ = ["evaluate"]
 
@@ -58,7 +59,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
                 outputs = model(x)
                 for k, z in enumerate(outputs):
                     correct[k] += (z.argmax(1) == y).sum()

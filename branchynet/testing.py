@@ -47,7 +47,7 @@ __all__ = [
     "DTYPES", "POISON", "dtype_name", "sample_logits", "special_logits", "sample_rows",
     "poisoned_buffers", "gap_threshold", "exit_patterns", "tie_logits", "tie_threshold", "gather_samples", "backend_impl",
     "Comparison", "compare_exit_step", "compare_gather", "compare_bound",
-    "RuleAnswer", "per_sample_rule", "split_thresholds", "compare_engine",
+    "RuleAnswer", "per_sample_rule", "patience_rule", "split_thresholds", "compare_engine",
 ]
 
 #: Logit dtypes the op takes (Triton: all but float64).
@@ -566,16 +566,19 @@ def per_sample_rule(model, x: torch.Tensor, thresholds) -> list:
     Args:
         model: a BranchyNet-like module with ``stages`` and ``branches`` (put in eval
             mode here).
-        x: [B, ...] inputs.
+        x: [B, ...] inputs, or a tuple or dict of tensors (a state of several tensors;
+            each sample is its rows of every batch tensor).
         thresholds: one per side exit.
 
     Returns:
         B :class:`RuleAnswer`, in input order.
     """
+    from .state import batch_size, slice_state
+
     model.eval()
     out = []
-    for i in range(x.shape[0]):
-        h = x[i:i + 1]
+    for i in range(batch_size(x)):
+        h = x[i:i + 1] if isinstance(x, torch.Tensor) else slice_state(x, i, i + 1)
         for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
             h = stage(h)
             z = branch(h)
@@ -583,6 +586,29 @@ def per_sample_rule(model, x: torch.Tensor, thresholds) -> list:
             ent = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
             if n == len(model.stages) - 1 or ent < thresholds[n]:
                 out.append(RuleAnswer(n, int(z.argmax()), ent, z[0]))
+                break
+    return out
+
+
+def patience_rule(exit_logits, patience: int) -> list:
+    """PABEE's patience rule one sample at a time, from every exit's logits (all computed
+    on the whole batch, as ``model(x)`` returns them), written without the engine:
+    ``cnt_0 = 0``, ``cnt_n = cnt_{n-1} + 1`` if exit n's argmax equals exit n-1's, else
+    0; a sample leaves at the first side exit with ``cnt_n >= patience``, else at the last.
+
+    Returns:
+        B ``(exit, pred)`` pairs, in input order.
+    """
+    preds = [z.argmax(1).tolist() for z in exit_logits]
+    last = len(preds) - 1
+    out = []
+    for i in range(len(preds[0])):
+        cnt = 0
+        for n in range(last + 1):
+            if n:
+                cnt = cnt + 1 if preds[n][i] == preds[n - 1][i] else 0
+            if n == last or cnt >= patience:
+                out.append((n, preds[n][i]))
                 break
     return out
 

@@ -131,7 +131,7 @@ def test_bad_num_classes(name, bad):
 
 
 def test_registry():
-    assert set(MODELS) == set(NAMES) | {"torchvision"}  # + exits on torchvision models
+    assert set(MODELS) == set(NAMES) | {"torchvision", "hf"}  # + exits on torchvision and Hugging Face models
     for spelling in ("b-lenet", "b_lenet", "B-LeNet"):
         model = build_model(spelling, num_classes=5)
         assert model.arch["name"] == "b_lenet" and model.num_classes == 5

@@ -34,7 +34,7 @@ TEST_COMMAND = "python -m pytest -q tests"
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 # Optional packages a block may import; the block is skipped when they are missing.
-OPTIONAL = ("torchvision", "fastapi", "ray")
+OPTIONAL = ("torchvision", "fastapi", "ray", "transformers")
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:

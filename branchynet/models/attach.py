@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from ..config import ExitConfig
-from .branches import (BranchFactory, auto_branch, conv_branch, linear_branch, pool_linear_branch,
-                       token_branch)
+from ..state import first_tensor
+from .branches import (BranchFactory, TokenBranch, auto_branch, conv_branch, linear_branch,
+                       pool_linear_branch, token_branch)
 from .branchynet import BranchyNet
+from .export_cut import InputStage, as_input_dict, export_stages, exports_only, state_branch
 from .fx_checks import preserved_state
 from .fx_cut import ancestors, copy_stage_input, cut_stages
 
@@ -44,7 +46,7 @@ def attach_exits(
     model: nn.Module,
     after: Sequence[str],
     *,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | dict,
     num_classes: int | None = None,
     branches: Sequence[nn.Module | None] | None = None,
     branch_factory: BranchFactory = auto_branch,
@@ -58,16 +60,26 @@ def attach_exits(
     parameters: training the result trains ``model``), and the last stage ends with the
     model's output, so the final exit equals ``model(x)``.
 
+    Models torch.fx cannot trace (Hugging Face Transformers, or any whose fx trace
+    fails), or given ``example_input`` as the model's keyword arguments, are cut from
+    their ``torch.export`` graph instead
+    (:mod:`branchynet.models.export_cut`): the stages then pass a tuple of tensors
+    ``(features, attention_mask, ...)``, the result takes the model's keyword arguments
+    and its default side branches pool the unmasked tokens
+    (:class:`~branchynet.models.branches.TokenBranch`).
+
     Args:
-        model: the network; its forward takes one tensor [B, ...] and returns the final
-            logits [B, C].
+        model: the network; its forward takes one tensor [B, ...] (or the keyword
+            arguments of ``example_input``) and returns the final logits [B, C] (or an
+            output with ``.logits``, as Hugging Face models do).
         after: names from ``model.named_modules()``, in network order, after whose output
             a side branch reads the features (e.g. ``["layer1", "layer2"]`` for a
             torchvision ResNet). Each module must run once per forward, and its output must
             be the only value that flows on (so not a layer inside a residual block).
-        example_input: an input batch [B, ...] (B >= 1); one eval-mode forward on it sizes
-            the side branches and checks the cuts. Its shape without B is the model's
-            ``input_shape``.
+        example_input: an input batch [B, ...] (B >= 1), or the model's keyword arguments
+            as a dict of tensors (``{"input_ids": [B, S], "attention_mask": [B, S]}``);
+            one eval-mode forward on it sizes the side branches and checks the cuts. A
+            tensor's shape without B is the model's ``input_shape``.
         num_classes: C; default: read from the model's output on ``example_input``.
         branches: one side branch per cut, each mapping the cut's features to [B, C];
             ``None`` entries (or ``branches=None``) are built by ``branch_factory``.
@@ -92,12 +104,14 @@ def attach_exits(
             or nested in each other, a cut that is not the only value flowing on, a model
             whose output is not one tensor [B, C], a ``num_classes`` that differs from it,
             a ``branches`` list of the wrong length.
-        RuntimeError: torch.fx cannot trace the model (use ``leaf_modules`` or
-            :func:`branchynet.from_stages`).
+        RuntimeError: neither torch.fx nor torch.export can trace the model (use
+            ``leaf_modules`` or :func:`branchynet.from_stages`).
     """
     cuts, branches = _check_cuts(model, after, example_input, branches)
-    stages = cut_stages(model, cuts, tuple(leaf_modules))
-    features = _features_at_cuts(model, stages, example_input, cuts)
+    shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else None
+    stages, example_input, exported = _cut(model, cuts, example_input, tuple(leaf_modules))
+    states = _features_at_cuts(model, stages, example_input, cuts)
+    features = [h[0] for h in states[:-1]] + states[-1:] if exported else states
     logits = features[-1]
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits [B, C], got shape {tuple(logits.shape)}")
@@ -111,13 +125,38 @@ def attach_exits(
     built = []
     for s, b in enumerate(side):
         if b is None:
-            b = branch_factory(features[s], num_classes)
-            b = b.to(device=features[s].device, dtype=features[s].dtype)
+            f = features[s]
+            b = (TokenBranch(f.shape[2], num_classes) if exported and branch_factory is auto_branch
+                 and f.dim() == 3 else branch_factory(f, num_classes))
+            b = b.to(device=f.device, dtype=f.dtype)
         if not isinstance(b, nn.Module):
             raise TypeError(f"branch {s} must be an nn.Module, got {type(b).__name__}")
-        built.append(b.train(model.training))
-    return BranchyNet(stages, built + [nn.Identity()], exit_config=exit_config,
-                      input_shape=tuple(example_input.shape[1:]), num_classes=num_classes)
+        built.append((state_branch(b) if exported else b).train(model.training))
+    net = BranchyNet(stages, built + [nn.Identity()], exit_config=exit_config, input_shape=shape,
+                     num_classes=num_classes)
+    net.multi_tensor = exported
+    return net
+
+
+def _cut(model, cuts: list, example_input, leaf_modules: tuple) -> tuple:
+    """``(stages, example_input, exported)``: the fx cut where fx traces the model, else
+    the cut of its exported graph (then the example becomes the model's keyword
+    arguments and the first stage takes them)."""
+    fx_error = None
+    if not (isinstance(example_input, dict) or exports_only(model)):
+        try:
+            return cut_stages(model, cuts, leaf_modules), example_input, False
+        except RuntimeError as err:  # torch.fx cannot trace it: the exported graph may do
+            fx_error = err
+    example_input = as_input_dict(model, example_input)
+    try:
+        stages = export_stages(model, cuts, example_input)
+    except RuntimeError as err:
+        if fx_error is None:
+            raise
+        raise RuntimeError(f"{fx_error}; and {err}") from err
+    stages[0] = InputStage(stages[0], list(example_input))
+    return stages, example_input, True
 
 
 def _check_cuts(model, after, example_input, branches) -> tuple:
@@ -130,8 +169,10 @@ def _check_cuts(model, after, example_input, branches) -> tuple:
     cuts = list(after)
     if not cuts:
         raise ValueError("after must name at least one module of the model")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
-        raise ValueError("example_input must be a tensor [B, ...] with B >= 1")
+    first = first_tensor(example_input) if isinstance(example_input, dict) else example_input
+    if not isinstance(first, torch.Tensor) or first.dim() < 1 or first.shape[0] < 1:
+        raise ValueError("example_input must be a tensor [B, ...] with B >= 1, or the model's keyword "
+                         "arguments as a dict of such tensors")
     modules = dict(model.named_modules())
     for name in cuts:
         if not isinstance(name, str) or name not in modules or name == "":
@@ -173,6 +214,7 @@ def _stage_outputs(model, stages, example_input, cuts, copied: list) -> list:
             st.eval()
         with torch.no_grad(), preserved_state(model):
             h = example_input
+            b = first_tensor(h).shape[0]
             for s, st in enumerate(stages):
                 version = h._version if isinstance(h, torch.Tensor) else None
                 out = st(h)
@@ -182,10 +224,10 @@ def _stage_outputs(model, stages, example_input, cuts, copied: list) -> list:
                 h = out
                 features.append(h)
                 what = cuts[s] if s < len(cuts) else "the model"
-                if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.shape[0] != example_input.shape[0]:
-                    got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
-                    raise ValueError(f"the output of {what!r} must be a tensor [B={example_input.shape[0]}, ...], "
-                                     f"got {got}")
+                f = h[0] if isinstance(h, tuple) and s < len(cuts) else h
+                if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[0] != b:
+                    got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                    raise ValueError(f"the output of {what!r} must be a tensor [B={b}, ...], got {got}")
     finally:
         for m, mode in modes.items():
             m.training = mode

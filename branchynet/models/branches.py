@@ -15,7 +15,8 @@ from torch import nn
 
 from ..blocks import conv_bn_relu, linear_head
 
-__all__ = ["BranchFactory", "auto_branch", "conv_branch", "linear_branch", "pool_linear_branch", "token_branch"]
+__all__ = ["BranchFactory", "TokenBranch", "auto_branch", "conv_branch", "linear_branch", "pool_linear_branch",
+           "token_branch"]
 
 #: ``branch_factory(feature, num_classes) -> module``: ``feature`` is an example of what
 #: flows at the cut ([B, ...], from ``example_input``); the module maps it to [B, C].
@@ -73,6 +74,50 @@ def token_branch(feature: torch.Tensor, num_classes: int, pool: str = "mean") ->
     d = feature.shape[2]
     return nn.Sequential(OrderedDict(pool=_TokenPool(pool), norm=nn.LayerNorm(d),
                                      fc=nn.Linear(d, num_classes)))
+
+
+class TokenBranch(nn.Module):
+    """A side branch on a Transformer stage's state: the first token or the mean over the
+    unmasked tokens, LayerNorm, linear.
+
+    It reads the state of a stage cut from an exported graph, ``(h [B, S, D], mask [B, S]
+    or None, ...)`` (or a bare ``h``): with ``pool="mean"`` the padded tokens (mask 0)
+    are left out of the mean, so padding never changes what the branch sees.
+
+    Args:
+        dim: D.
+        num_classes: K.
+        pool: ``"mean"`` (over the unmasked tokens) or ``"cls"`` (token 0: BERT's [CLS],
+            ViT's class token).
+
+    Shapes:
+        state ``(h [B, S, D], mask [B, S], ...)`` -> [B, num_classes].
+    """
+
+    #: attach_exits hands this branch the whole stage state, not only the features.
+    takes_state = True
+
+    def __init__(self, dim: int, num_classes: int, pool: str = "mean") -> None:
+        super().__init__()
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+        self.pool = pool
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, state) -> torch.Tensor:
+        h, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+        if self.pool == "cls":
+            v = h[:, 0]
+        elif mask is None:
+            v = h.mean(dim=1)
+        else:
+            m = mask.to(h.dtype).unsqueeze(-1)
+            v = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+        return self.fc(self.norm(v))
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool}"
 
 
 def linear_branch(feature: torch.Tensor, num_classes: int) -> nn.Module:

@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from ..config import ExitConfig
+from ..state import state_input
 
 
 class BranchyNet(nn.Module):
     """A backbone cut into stages with an exit (branch) after every stage.
 
     Branch ``n`` reads the output of stage ``n``; the last branch is the backbone's own
-    classifier (the final exit). ``model(x)`` runs every stage and every branch on the
+    classifier (the final exit). What flows between stages (the *state*) is one tensor,
+    or a tuple or dict of tensors (hidden states and attention mask of a Transformer):
+    the first stage takes the input, or the model's keyword arguments as one dict. ``model(x)`` runs every stage and every branch on the
     whole batch and returns every exit's logits, which is what the joint loss trains;
     batched early exit at inference is :class:`branchynet.EarlyExitEngine`'s job.
 
@@ -67,14 +70,19 @@ class BranchyNet(nn.Module):
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.num_classes = num_classes
         self.arch = arch
+        #: True when the stages pass a tuple or dict of tensors even for a one-tensor
+        #: input (exits on an exported graph): the engine then compacts every tensor.
+        self.multi_tensor = False
 
     @property
     def num_exits(self) -> int:
         return len(self.stages)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor | tuple | dict | None = None, **inputs) -> list[torch.Tensor]:
+        """Every exit's logits on the whole batch: ``model(x)`` or ``model(**inputs)``
+        (the wrapped model's keyword arguments, e.g. ``input_ids=, attention_mask=``)."""
         outputs = []
-        h = x
+        h = x if not inputs else state_input(x, inputs)
         for stage, branch in zip(self.stages, self.branches):
             h = stage(h)
             outputs.append(branch(h))
@@ -102,7 +110,8 @@ class BackboneOnly(nn.Module):
         self.classifier = model.branches[-1]
         self.input_shape = model.input_shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple | dict | None = None, **inputs) -> torch.Tensor:
+        x = x if not inputs else state_input(x, inputs)
         for stage in self.stages:
             x = stage(x)
         return self.classifier(x)

@@ -7,6 +7,7 @@ from typing import Callable
 from .alexnet import b_alexnet
 from .attach import torchvision_exits
 from .branchynet import BranchyNet
+from .hf import hf_exits
 from .lenet import b_lenet
 from .resnet import b_resnet110
 
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[..., BranchyNet]] = {
     "b_alexnet": b_alexnet,
     "b_resnet110": b_resnet110,
     "torchvision": torchvision_exits,  # exits on a torchvision model (needs torchvision)
+    "hf": hf_exits,  # exits on a Hugging Face model (needs transformers)
 }
 
 

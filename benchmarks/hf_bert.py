@@ -1,0 +1,169 @@
+"""Exits on a Hugging Face BERT: the engine against the model itself, in one run.
+
+A 4-layer BERT (hidden 256, 4 heads, FFN 1024, random weights, seed 0), sequences of 128
+tokens, exits after layers 1 and 2 (``bert.encoder.layer.0`` / ``.1``) with the default
+token branches; thresholds set on the pool so that half the samples leave at the first
+exit and a quarter at the second (the rest at the model's own classifier). Timed:
+``EarlyExitEngine(**inputs)`` against ``model(**inputs).logits`` under inference mode, at
+B = 1 (each pool sample alone) and B = 64, rounds interleaving the two; per sample
+times, median and min-max over the rounds.
+
+    OMP_NUM_THREADS=1 python benchmarks/hf_bert.py --out benchmarks/results/cpu-xeon-2core/hf
+
+Needs transformers (``pip install branchynet[hf]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import branchynet as bn  # noqa: E402
+from branchynet.exits import entropy  # noqa: E402
+from branchynet.models.hf import import_transformers  # noqa: E402
+from profiles import interleaved_times  # noqa: E402
+
+SEQ, B_BIG = 128, 64
+
+
+def build(seed: int = 0):
+    tf = import_transformers()
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                        num_labels=4)
+    hf = tf.BertForSequenceClassification(cfg).eval()
+    example = pool_inputs(2, seed + 1)
+    net = bn.attach_exits(hf, after=["bert.encoder.layer.0", "bert.encoder.layer.1"], num_classes=4,
+                          example_input=example).eval()
+    return hf, net
+
+
+def pool_inputs(m: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (m, SEQ), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.inference_mode()
+def profile_thresholds(net, pool: dict) -> list:
+    """T_1: the median exit-1 entropy (half leave there); T_2: the median exit-2 entropy
+    of the samples that stay (a quarter of the pool leaves there)."""
+    outs = net(**pool)
+    h1, h2 = entropy(outs[0].float()), entropy(outs[1].float())
+    t1 = float(h1.median())
+    stay = h1 >= t1
+    t2 = float(h2[stay].median())
+    return [t1, t2]
+
+
+def timed(fa, fb, inputs, rounds: int) -> dict:
+    ta, tb = interleaved_times(fa, fb, inputs, rounds)
+    return {"a": ta, "b": tb}
+
+
+def summary(ts: list, per: int) -> dict:
+    us = [t / per * 1e6 for t in ts]
+    return {"median_us_per_sample": statistics.median(us), "min": min(us), "max": max(us)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=128, help="pool size (a multiple of 64)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=None, help="folder for hf_bert.json / hf_bert.md")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    hf, net = build()
+    pool = pool_inputs(args.samples, seed=7)
+    th = profile_thresholds(net, pool)
+    eng = bn.EarlyExitEngine(net, th)
+    with torch.inference_mode():
+        counts = eng(**pool).counts
+        assert torch.equal(eng(**pool).pred, eng.per_sample(**pool).pred)
+
+    def engine(x):
+        return eng(**x)
+
+    @torch.inference_mode()
+    def model(x):
+        return hf(**x).logits
+
+    rows = {}
+    # The profile above, then every sample to the last exit (thresholds 0): the cost of
+    # the cut graph, the side branches and the gathers against the model, with no exit.
+    for profile, thresholds in (("50/25/25", th), ("0/0/100", [0.0, 0.0])):
+        eng.thresholds = thresholds
+        for b in (1, B_BIG):
+            batches = [{k: v[i:i + b] for k, v in pool.items()} for i in range(0, args.samples, b)]
+            engine(batches[0]), model(batches[0])  # warm
+            t = timed(engine, model, batches, args.rounds)
+            e, m = summary(t["a"], b), summary(t["b"], b)
+            ratios = [x / y for x, y in zip(t["b"], t["a"])]
+            rows[f"{profile} B={b}"] = {"engine": e, "model": m, "speedup_median": statistics.median(ratios),
+                                        "speedup_min": min(ratios), "speedup_max": max(ratios)}
+    meta = {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/hf_bert.py " + " ".join(sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=HERE).stdout.strip(),
+        "torch": torch.__version__, "transformers": import_transformers().__version__,
+        "cpu": _cpu(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "thresholds": th, "exit_counts": counts, "samples": args.samples, "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    result = {"meta": meta, "rows": rows}
+    text = _markdown(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "hf_bert.json").write_text(json.dumps(result, indent=2))
+        (out / "hf_bert.md").write_text(text)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _markdown(r: dict) -> str:
+    m = r["meta"]
+    lines = [
+        "# Exits on a Hugging Face BERT: the engine against the model",
+        "",
+        f"4-layer BERT (hidden 256, 4 heads, FFN 1024, random weights), sequences of {SEQ} tokens, exits "
+        f"after layers 1 and 2; exit counts on the {m['samples']}-sample pool {m['exit_counts']} "
+        f"(thresholds {[round(t, 4) for t in m['thresholds']]}).",
+        f"Commit {m['commit']}, torch {m['torch']}, transformers {m['transformers']}, {m['cpu']}, "
+        f"{m['threads']} thread, {m['date']}. {m['rounds']} interleaved rounds; median (min-max) over them.",
+        "",
+        f"```bash\n{m['command']}\n```",
+        "",
+        "| exit profile, B | engine, us/sample | model, us/sample | model / engine |",
+        "| --- | --- | --- | --- |",
+    ]
+    for b, row in r["rows"].items():
+        e, mo = row["engine"], row["model"]
+        lines.append(f"| {b} | {e['median_us_per_sample']:.0f} ({e['min']:.0f}-{e['max']:.0f}) | "
+                     f"{mo['median_us_per_sample']:.0f} ({mo['min']:.0f}-{mo['max']:.0f}) | "
+                     f"{row['speedup_median']:.2f} ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
