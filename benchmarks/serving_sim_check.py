@@ -153,21 +153,30 @@ def check(model, thr, pool, args) -> dict:
     prior = predictors(model, thr, pool, b, repeats=9, overhead=overhead)
     out = {"overhead_us": {k: overhead(k) * 1e6 for k in (1, 16, b)}, "timer_lag_us": lag * 1e6, "configs": {}}
     sat_runs = {c: [L.saturate(model, thr, c, pool, args.saturation_requests, **kw)
-                    for _ in range(args.repeats + 1)] for c in CONFIGS}
-    sat = {c: float(np.median([r["rps"] for r in runs[1:]])) for c, runs in sat_runs.items()}
+                    for _ in range(args.repeats)] for c in CONFIGS}
+    sat = {c: float(np.median([r["rps"] for r in runs])) for c, runs in sat_runs.items()}
     rate, calib_rate = args.load * sat["backbone"], args.calib_load * sat["backbone"]
     loop = dict(max_requests=args.max_requests, max_seconds=args.max_seconds, **kw)
     for c in CONFIGS:
-        calib = L.open_loop(model, thr, c, pool, calib_rate, seed=600, **loop)
-        busy = sat_runs[c][0]["record"]["busy"] + calib["record"]["busy"]
-        inside = {c: (stage_time_from_record(busy, prior[c][1]),) + prior[c][1:]}
-        runs = [L.open_loop(model, thr, c, pool, rate, seed=700 + i, **loop) for i in range(args.repeats)]
-        v = {"saturated_rps": sat[c], "p50_s": float(np.median([r["server_p50_s"] for r in runs]))}
-        for name, pred in (("prior", prior), ("inside", inside)):
-            v[f"{name}_saturated_rps"] = float(np.median([
-                predict(pred, c, measured_arrivals(r, kw["warm"]), b, w, lag).throughput for r in sat_runs[c][1:]]))
-            v[f"{name}_p50_s"] = float(np.median([
-                predict(pred, c, measured_arrivals(r, kw["warm"]), b, w, lag).p50_s for r in runs]))
+        # Each measured pair (saturated, at the load) gets its own calibration pair run
+        # just before it: this shared VM's speed drifts by tens of percent within minutes.
+        v = {"saturated_rps": sat[c]}
+        preds = {"prior": ([], []), "inside": ([], [])}
+        p50s = []
+        for i, measured in enumerate(sat_runs[c]):
+            calib_sat = L.saturate(model, thr, c, pool, args.saturation_requests, **kw)
+            calib = L.open_loop(model, thr, c, pool, calib_rate, seed=600 + i, **loop)
+            run = L.open_loop(model, thr, c, pool, rate, seed=700 + i, **loop)
+            p50s.append(run["server_p50_s"])
+            busy = calib_sat["record"]["busy"] + calib["record"]["busy"]
+            inside = {c: (stage_time_from_record(busy, prior[c][1]),) + prior[c][1:]}
+            for name, pred in (("prior", prior), ("inside", inside)):
+                preds[name][0].append(predict(pred, c, measured_arrivals(measured, kw["warm"]), b, w, lag).throughput)
+                preds[name][1].append(predict(pred, c, measured_arrivals(run, kw["warm"]), b, w, lag).p50_s)
+        v["p50_s"] = float(np.median(p50s))
+        for name, (thr_s, p50_s) in preds.items():
+            v[f"{name}_saturated_rps"] = float(np.median(thr_s))
+            v[f"{name}_p50_s"] = float(np.median(p50_s))
         out["configs"][c] = v
     out["rate"], out["calib_rate"] = rate, calib_rate
     return out
@@ -201,7 +210,7 @@ def report(r: dict, args) -> str:
             f"times, with the timer's lag ({r['timer_lag_us']:.0f} us). Costs of a run: **in the "
             f"server**: each configuration's busy times (`ExitServer(record=True)`) in its own "
             f"calibration runs, one saturated and one at {args.calib_load:.0%} load "
-            f"({r['calib_rate']:,.0f}/s), not among the runs predicted; **a priori**: `measure_latency` "
+            f"({r['calib_rate']:,.0f}/s), run just before each measured pair and not among the runs predicted; **a priori**: `measure_latency` "
             f"segment times (1 ... {args.max_batch_size} rows, 9 repeats) plus the server's cost of a "
             f"run measured on a model with no compute ({oh}). torch {torch.__version__}, 1 thread, "
             f"load average {os.getloadavg()[0]:.2f} at the end.\n\n{markdown_table(head, rows)}\n\n"
