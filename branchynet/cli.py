@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import ExitConfig
+from .deploy.cli import add_export
 from .tables import markdown_table
 
 MODEL_CHOICES = ("b-lenet", "b-alexnet", "b-resnet110")
@@ -336,7 +337,7 @@ def run_selftest(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchynet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_calibrate, _add_tools):
+    for add in (_add_demo, _add_train, _add_calibrate, _add_tools, add_export):
         add(sub)
     return p
 

@@ -25,15 +25,17 @@ argument checks and the docstrings of its public arguments.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ._compile import check_buckets, compile_kwargs, first_stage_inputs, own_code, warm_counts
 from .config import check_thresholds, criterion_id
-from .models.branchynet import BranchyNet
 from .ops import bind, resolve_backend
 from .ops._backends import new_outputs
+
+if TYPE_CHECKING:
+    from .models.branchynet import BranchyNet
 
 __all__ = ["EarlyExitEngine", "ExitResult"]
 
@@ -104,6 +106,9 @@ class EarlyExitEngine:
         compile: bool | str | dict = False,
         buckets: bool | Sequence[int] | None = None,
     ) -> None:
+        # Imported here: ExitResult (branchynet.deploy's result too) needs no model class.
+        from .models.branchynet import BranchyNet
+
         if not isinstance(model, BranchyNet):
             raise TypeError(f"model must be a branchynet.BranchyNet, got {type(model).__name__}")
         self.model = model.eval()
