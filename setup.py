@@ -14,6 +14,9 @@ from setuptools import find_packages, setup
 TRITON = ["triton>=3.0; platform_system == 'Linux'"]
 TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "mlxtend>=0.22", "scikit-learn>=1.0"]
+# branchynet export --format onnx and its runner (pt2 and AOTInductor need only torch);
+# ~40 MB of wheels, so the tests install them too (tests/test_deploy.py).
+EXPORT = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"]
 
 
 # --- the compiled extension branchynet._C ------------------------------------------------
@@ -165,7 +168,8 @@ setup(
     extras_require={
         "demo": DEMO,
         "triton": TRITON,
-        "test": TEST + DEMO,
+        "export": EXPORT,
+        "test": TEST + DEMO + EXPORT,
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},
     ext_modules=EXT_MODULES,
