@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--models", default="b_lenet,b_alexnet,b_resnet110")
     ap.add_argument("--formats", default="onnx,aoti")
     ap.add_argument("--out", default=None, help="folder for results.json and table.md")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of --out/results.json for the other networks (one run per network)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -165,13 +167,19 @@ def main() -> None:
         meta["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
+    runs = [meta]
+    if args.append and args.out and (Path(args.out) / "results.json").is_file():
+        before = json.loads((Path(args.out) / "results.json").read_text())
+        names = {r["model"] for r in rows}
+        rows = [r for r in before["rows"] if r["model"] not in names] + rows
+        runs = before["runs"] + runs
     text = table(rows)
     print(json.dumps(meta, indent=1))
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "results.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
         (out / "table.md").write_text(text + "\n")
 
 

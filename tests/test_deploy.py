@@ -362,3 +362,30 @@ def test_exit_rule_in_the_graph_follows_the_engine_on_special_logits(fmt, criter
     assert 0 < got.counts[0] < z.shape[0]
     torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runner_on_the_gpu_equals_the_engine(fmt, tmp_path):
+    """Exported on the GPU (pt2: the runner's tensors and exit op stay there; ONNX: the
+    CUDA provider where this onnxruntime has one), and a CPU export moved to the GPU."""
+    model = _settle_batch_norm(b_lenet(), torch.randn(64, 1, 28, 28)).cuda()
+    x = torch.randn(300, 1, 28, 28, generator=torch.Generator().manual_seed(5)).cuda()
+    t = split_thresholds(model, x)
+    want = EarlyExitEngine(model, thresholds=t)(x)
+    export(model, tmp_path / "gpu", fmt, thresholds=t, device="cuda", progress=False)
+    runner = load(tmp_path / "gpu", device="cuda")
+    got = runner(x if fmt == "pt2" else x.cpu())
+    _assert_same({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(got).items()},
+                 _cpu(want), f"{fmt} cuda")
+    if fmt == "pt2":
+        assert got.logits.is_cuda
+        export(model.cpu(), tmp_path / "cpu", fmt, thresholds=t, progress=False)
+        moved = load(tmp_path / "cpu", device="cuda")(x)
+        _assert_same({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(moved).items()},
+                     _cpu(want), "pt2 cpu export on cuda")
+
+
+def _cpu(res):
+    from branchynet.engine import ExitResult
+    return ExitResult(res.logits.cpu(), res.pred.cpu(), res.exit.cpu(), res.entropy.cpu(), res.counts)

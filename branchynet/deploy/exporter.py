@@ -167,9 +167,8 @@ def _body(model, engine, x, graphs, states, files, format, aoti, opset, max_batc
     with torch.no_grad():
         z = model.branches[0](model.stages[0](x[:1]))
     exits = []
-    for n, (graph, state, name) in enumerate(zip(graphs, states, files)):
-        exits.append({"file": name, "threshold": None if graph.last else engine.thresholds[n],
-                      "state_in": len(state), "packed": graph.packed})
+    for graph, state, name in zip(graphs, states, files):
+        exits.append({"file": name, "state_in": len(state), "packed": graph.packed})
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     from .. import __version__
     versions["branchynet"] = __version__

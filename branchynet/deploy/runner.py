@@ -149,7 +149,8 @@ class _OnnxRunner(Runner):
             raise ImportError("running an ONNX export needs onnxruntime: pip install 'branchynet[export]'") from err
         if providers is None:
             cuda = device is not None and torch.device(device).type == "cuda"
-            providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+            wanted = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+            providers = [p for p in wanted if p in ort.get_available_providers()]
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
