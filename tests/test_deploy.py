@@ -8,6 +8,7 @@ about a minute per exit: those cases are marked slow.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,8 +27,7 @@ from branchynet.testing import random_mlp, split_thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_TORCHVISION = os.environ.get("BRANCHYNET_REQUIRE_TORCHVISION", "") not in ("", "0")
-HAS_ONNX = all(_has for _has in (
-    __import__("importlib").util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript")))
+HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 FORMATS = ["pt2", pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason="needs onnx, "
                                                                    "onnxruntime and onnxscript"))]
 
@@ -276,6 +276,11 @@ def test_export_refuses_bad_arguments(tmp_path):
     no_shape = from_stages([nn.Linear(4, 4), nn.Linear(4, 4)], num_classes=3)
     with pytest.raises(ExportError, match="no input_shape: pass example_input"):
         export(no_shape, tmp_path / "b", "pt2")
+    # One example row is enough: the input shape comes from it, the batch stays dynamic.
+    export(no_shape.eval(), tmp_path / "b", "pt2", thresholds=[0.9], example_input=torch.randn(1, 4),
+           progress=False)
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    _assert_same(vars(load(tmp_path / "b")(x)), EarlyExitEngine(no_shape, thresholds=[0.9])(x), "example row")
 
 
 def test_export_of_tuple_states_and_reexport_in_place(tmp_path):

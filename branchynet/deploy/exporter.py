@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 
-from ..config import check_thresholds, criterion_id
 from .graph import OUTPUTS, ExitGraph, flatten_state
 from .manifest import MANIFEST, write_manifest
 
@@ -102,7 +101,9 @@ def _example(model, x: torch.Tensor | None) -> torch.Tensor:
         return torch.randn((_EXAMPLE_ROWS, *model.input_shape), generator=g).to(dev, dtype)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ExportError(f"example_input must be a tensor [B, ...] with B >= 1, got {x!r:.80}")
-    return x[:1].repeat(_EXAMPLE_ROWS, *([1] * (x.dim() - 1))).to(dev, dtype) if x.shape[0] < 2 else x.to(dev)
+    if x.shape[0] < _EXAMPLE_ROWS:
+        x = x[:1].expand(_EXAMPLE_ROWS, *x.shape[1:]).contiguous()
+    return x.to(dev)
 
 
 def _prepare(out: Path) -> Path:
