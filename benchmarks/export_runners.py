@@ -161,7 +161,8 @@ def main() -> None:
                             cwd=HERE).stdout.strip()
     meta = {"command": "OMP_NUM_THREADS=1 python benchmarks/export_runners.py " + " ".join(sys.argv[1:]),
             "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "load_average_end": os.getloadavg()}
+            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "load_average_end": os.getloadavg(),
+            "models": args.models.split(",")}
     try:
         import onnxruntime
         meta["onnxruntime"] = onnxruntime.__version__
@@ -172,7 +173,8 @@ def main() -> None:
         before = json.loads((Path(args.out) / "results.json").read_text())
         names = {r["model"] for r in rows}
         rows = [r for r in before["rows"] if r["model"] not in names] + rows
-        runs = before["runs"] + runs
+        # A run whose networks were all measured again here is replaced by this one.
+        runs = [r for r in before["runs"] if not (r.get("models") and set(r["models"]) <= names)] + runs
     text = table(rows)
     print(json.dumps(meta, indent=1))
     print(text)
