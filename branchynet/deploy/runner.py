@@ -67,6 +67,12 @@ class Runner:
         manifest: the checked manifest (dict).
         num_exits, criterion, input_shape, dtype, max_batch: from the manifest.
         thresholds: ``T_1 .. T_{N-1}``; settable (the graphs do not hold them).
+
+    A runtime subclass supplies what the loop calls: ``_input`` (checked input),
+    ``_outputs`` / ``_result`` (the four output buffers of B rows, and the result made
+    of them), ``_arange``, ``_run_graph(n, state)`` (exit graph n: the next state, then
+    logits, score, entropy, pred), ``_exit`` (the decision: writes the leaving rows at
+    their original rows, returns ``(survivors, survivor_rows, count)``) and ``_gather``.
     """
 
     def __init__(self, root: Path, manifest: dict) -> None:
