@@ -25,6 +25,9 @@ RAY = ["ray[serve]>=2.10"] + SERVE
 # minute on 2 cores, most of it in torch.export), so the tests install it too.
 HF = ["transformers>=5.0"]
 TEST = ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"] + TRITON + HF
+# branchynet export --format onnx and its runner (pt2 and AOTInductor need only torch);
+# ~40 MB of wheels, so the tests install them too (tests/test_deploy.py).
+EXPORT = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"]
 
 
 # --- the compiled extension branchynet._C ------------------------------------------------
@@ -188,7 +191,8 @@ setup(
         "serve": SERVE,
         "ray": RAY,
         "hf": HF,
-        "test": TEST + DEMO + SERVE + ["httpx>=0.24"],
+        "export": EXPORT,
+        "test": TEST + DEMO + SERVE + EXPORT + ["httpx>=0.24"],
     },
     entry_points={"console_scripts": ["branchynet=branchynet.cli:main"]},
     ext_modules=EXT_MODULES,

@@ -36,11 +36,34 @@ _load_checkout_kernels()
 from .config import CRITERIA, ExitConfig  # noqa: E402
 from .exits import entropy, exit_scores  # noqa: E402
 from .loss import joint_loss  # noqa: E402
-from .models import BranchyNet, from_sequential, from_stages  # noqa: E402
-from .models import attach_exits  # noqa: E402
-from .engine import EarlyExitEngine, ExitResult  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, load_engine, save_checkpoint  # noqa: E402
-from .train import TrainSettings  # noqa: E402
+
+# Imported on first use (PEP 562): an exported model runs through branchynet.deploy in a
+# process that cannot (or must not) import the model definitions, and importing any
+# submodule runs this file first.
+_LAZY = {
+    "BranchyNet": ".models", "from_sequential": ".models", "from_stages": ".models",
+    "attach_exits": ".models", "EarlyExitEngine": ".engine", "ExitResult": ".engine",
+    "TrainSettings": ".train",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    elif not name.startswith("__") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # branchynet.models without an import
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 

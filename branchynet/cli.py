@@ -14,6 +14,7 @@ import torch
 
 from . import _cli_args as check
 from .config import ExitConfig
+from .deploy.cli import add_export
 from .tables import markdown_table
 
 MODEL_CHOICES = ("b-lenet", "b-alexnet", "b-resnet110")
@@ -349,7 +350,7 @@ def run_selftest(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchynet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_calibrate, _add_tools, _add_serve):
+    for add in (_add_demo, _add_train, _add_calibrate, _add_tools, _add_serve, add_export):
         add(sub)
     return p
 

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ._compile import check_buckets, compile_kwargs, first_stage_inputs, own_code, warm_counts
 from .config import check_thresholds, criterion_id
-from .models.branchynet import BranchyNet
 from .ops import bind, resolve_backend
 from .ops._backends import new_outputs
 from .patience import check_patience, patience_region
 from .state import check_state, first_tensor, gather_state, slice_state, state_input
+
+if TYPE_CHECKING:
+    from .models.branchynet import BranchyNet
 
 __all__ = ["EarlyExitEngine", "ExitResult"]
 
@@ -112,6 +114,9 @@ class EarlyExitEngine:
         buckets: bool | Sequence[int] | None = None,
         patience: int | None = None,
     ) -> None:
+        # Imported here: ExitResult (branchynet.deploy's result too) needs no model class.
+        from .models.branchynet import BranchyNet
+
         if not isinstance(model, BranchyNet):
             raise TypeError(f"model must be a branchynet.BranchyNet, got {type(model).__name__}")
         self.model = model.eval()
