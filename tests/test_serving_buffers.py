@@ -21,13 +21,13 @@ def test_rows_come_out_in_the_order_they_went_in_across_growth_and_pops():
             r = rows(k)
             q.append(r)
             ref += r[:, 0].tolist()
-        if q.fill and step % 3 == 0:
-            take = int(torch.randint(1, q.fill + 1, (1,), generator=g))
+        if q.rows and step % 3 == 0:
+            take = int(torch.randint(1, q.rows + 1, (1,), generator=g))
             assert q.front(take)[:, 0].tolist() == ref[:take]
-            q.pop_front(take)  # rest > take and rest <= take both happen: overlapping moves
+            q.pop_front(take)
             del ref[:take]
-        assert q.fill == len(ref)
-    assert q.buf.shape[0] >= q.fill and q.buf.shape[0] > 2  # it grew
+        assert q.rows == len(ref)
+    assert q.buf.shape[0] > 2  # it grew
 
 
 def test_gather_appends_the_indexed_rows_at_the_fill_offset():
@@ -36,7 +36,7 @@ def test_gather_appends_the_indexed_rows_at_the_fill_offset():
     h = torch.arange(10.0).reshape(5, 2)
     q.gather(h, torch.tensor([4, 1]))
     q.gather(h, torch.tensor([], dtype=torch.int64))  # no survivors: nothing
-    assert q.fill == 4 and q.front(4).tolist() == [[0, 0], [0, 0], [8, 9], [2, 3]]
+    assert q.rows == 4 and q.front(4).tolist() == [[0, 0], [0, 0], [8, 9], [2, 3]]
     q.gather(h, torch.tensor([0, 2, 3]))  # past the capacity: grows, keeps the rows
     assert q.front(7)[2:].tolist() == [[8, 9], [2, 3], [0, 1], [4, 5], [6, 7]]
 
@@ -71,4 +71,37 @@ def test_rows_written_from_inference_mode_can_be_moved_outside_it():
     with torch.inference_mode():
         q.gather(torch.ones(3, 2), torch.tensor([0, 1, 2]))
     q.pop_front(1)  # a buffer allocated as an inference tensor would refuse this
-    assert q.fill == 2
+    assert q.rows == 2
+
+
+def test_taking_rows_does_not_copy_the_backlog_and_appends_copy_each_row_o1_times():
+    q = StageBuffer(capacity=4)
+    copied = [0]
+    real_room = StageBuffer._room
+
+    def counting_room(self, like, k):
+        before = self.buf
+        out = real_room(self, like, k)
+        if before is not None and self.buf is not before:
+            copied[0] += self.rows  # rows moved to the new tensor
+        return out
+
+    StageBuffer._room = counting_room
+    try:
+        n = 0
+        for step in range(2000):  # a backlog of ~1000 rows, one taken for every two added
+            q.append(torch.full((2, 1), float(step)))
+            n += 2
+            q.pop_front(1)
+    finally:
+        StageBuffer._room = real_room
+    assert q.rows == 2000
+    assert copied[0] < 3 * n  # amortised: a few copies per row, not one per pop
+
+
+def test_pop_front_moves_no_rows():
+    q = StageBuffer(capacity=8)
+    q.append(torch.arange(6.0).reshape(6, 1))
+    second = q.front(2)[1].data_ptr()
+    q.pop_front(1)  # a stage-1 backlog stays where it is: no copy per run
+    assert q.front(1).data_ptr() == second and q.front(5)[:, 0].tolist() == [1, 2, 3, 4, 5]
