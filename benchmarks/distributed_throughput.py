@@ -106,7 +106,9 @@ def launch(args) -> None:
                                 text=True, cwd=ROOT).stdout.strip())
     import torch
 
-    machine = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+    from profiles import cpu_name  # the benchmarks' shared helpers (imports torch)
+
+    machine = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
                "torch": torch.__version__, "commit": commit, "dirty": dirty,
                "command": "python benchmarks/distributed_throughput.py " + " ".join(
                    f"--models {' '.join(args.models)} --ranks {' '.join(map(str, args.ranks))} "
@@ -140,15 +142,6 @@ def report(machine: dict, runs: list, note: str = "") -> str:
                          f"| {len(rs)} | {med / base[model]:.2f}x | {busy:.2f} | {per_cpu:.1f} | {loads} |")
     return "\n".join(lines) + "\n"
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rewrite_report(out: Path, note: str) -> None:

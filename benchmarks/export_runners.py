@@ -165,7 +165,7 @@ def main() -> None:
                             cwd=HERE).stdout.strip()
     meta = {"command": "OMP_NUM_THREADS=1 python benchmarks/export_runners.py " + " ".join(sys.argv[1:]),
             "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "load_average_end": os.getloadavg(),
+            "cpu": P.cpu_name(), "threads": torch.get_num_threads(), "load_average_end": os.getloadavg(),
             "models": args.models.split(",")}
     try:
         import onnxruntime
@@ -188,15 +188,6 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
         (out / "table.md").write_text(text + "\n")
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

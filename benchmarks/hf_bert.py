@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 import branchynet as bn  # noqa: E402
 from branchynet.exits import entropy  # noqa: E402
 from branchynet.models.hf import import_transformers  # noqa: E402
-from profiles import interleaved_times  # noqa: E402
+from profiles import cpu_name, interleaved_times  # noqa: E402
 
 SEQ, B_BIG = 128, 64
 
@@ -117,7 +117,7 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=HERE).stdout.strip(),
         "torch": torch.__version__, "transformers": import_transformers().__version__,
-        "cpu": _cpu(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "python": platform.python_version(),
         "thresholds": th, "exit_counts": counts, "samples": args.samples, "rounds": args.rounds,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -130,15 +130,6 @@ def main() -> None:
         (out / "hf_bert.json").write_text(json.dumps(result, indent=2))
         (out / "hf_bert.md").write_text(text)
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _markdown(r: dict) -> str:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -57,6 +59,7 @@ __all__ = [
     "check_exit_result",
     "full_scope",
     "compile_on_cpu",
+    "cpu_name",
     "bench_device",
     "target_seconds",
 ]
@@ -84,6 +87,17 @@ SAMPLES_PER_ROUND = 32
 def full_scope() -> bool:
     """BRANCHYNET_BENCH_FULL=1: the whole grid on the CPU too (the CUDA default)."""
     return env_flag("BRANCHYNET_BENCH_FULL")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def compile_on_cpu() -> bool:

@@ -452,18 +452,10 @@ def environment(argv) -> dict:
         except Exception:
             return None
 
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "command": " ".join(["python", "benchmarks/serving_load.py", *argv]),
         "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+        "platform": platform.platform(), "python": platform.python_version(), "cpu": P.cpu_name(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "loadavg": _loadavg(),
     }

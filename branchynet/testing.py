@@ -47,7 +47,7 @@ __all__ = [
     "DTYPES", "POISON", "dtype_name", "sample_logits", "special_logits", "sample_rows",
     "poisoned_buffers", "gap_threshold", "exit_patterns", "tie_logits", "tie_threshold", "gather_samples", "backend_impl",
     "Comparison", "compare_exit_step", "compare_gather", "compare_bound",
-    "RuleAnswer", "per_sample_rule", "patience_rule", "split_thresholds", "compare_engine",
+    "FaultyStage", "RuleAnswer", "per_sample_rule", "patience_rule", "split_thresholds", "compare_engine",
 ]
 
 #: Logit dtypes the op takes (Triton: all but float64).
@@ -542,6 +542,20 @@ def random_mlp(seed: int = 0, num_exits: int = 3, width: int = 12, classes: int 
         made = [s if s is not None else m for s, m in zip(stages, made)]
     model = BranchyNet(made, branches, input_shape=(width,), num_classes=classes)
     return model.to(dtype).eval()
+
+
+class FaultyStage(torch.nn.Module):
+    """A stage that raises for any run holding a marked sample (first feature above 1e5)
+    and otherwise runs ``inner``: a failing stage in the serving tests."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h):
+        if bool((h[:, 0] > 1e5).any()):
+            raise ValueError("a marked sample reached the faulty stage")
+        return self.inner(h)
 
 
 # --- the paper's rule, one sample at a time --------------------------------------------

@@ -97,18 +97,6 @@ class Slow(nn.Module):
         return self.inner(h)
 
 
-class Faulty(nn.Module):
-    """Raises for any run holding a marked sample (first feature above 1e5)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, h):
-        if bool((h[:, 0] > 1e5).any()):
-            raise ValueError("a marked sample reached the faulty stage")
-        return self.inner(h)
-
 
 def gated_model(seed=0, at=0):
     """A model whose stage ``at`` is a :class:`Gate`; returns (model, gate)."""
@@ -451,7 +439,7 @@ def test_a_bad_sample_to_predict_is_refused_naming_x():
 def faulty_model(seed=17):
     """Stage 0 passes samples through unchanged and stage 1 raises for a marked sample;
     with thresholds 0 nobody leaves at exit 0, so every sample reaches the faulty stage."""
-    return mlp(seed, stages=[nn.Identity(), Faulty(mlp(seed).stages[1]), None])
+    return mlp(seed, stages=[nn.Identity(), testing.FaultyStage(mlp(seed).stages[1]), None])
 
 
 @pytest.mark.parametrize("rebatch", [True, False], ids=["rebatch", "per-batch"])

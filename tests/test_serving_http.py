@@ -228,22 +228,10 @@ def test_overload_is_503_with_retry_after_then_serving_resumes():
     assert r.status_code == 503 and "closing" in r.json()["detail"]
 
 
-class Faulty(nn.Module):
-    """Raises for any run holding a marked sample (first feature above 1e5)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, h):
-        if bool((h[:, 0] > 1e5).any()):
-            raise ValueError("a marked sample reached the faulty stage")
-        return self.inner(h)
-
 
 def test_a_failing_stage_is_500_and_the_server_goes_on():
     base = testing.random_mlp(0, num_exits=2, width=6, classes=3)
-    model = testing.random_mlp(0, num_exits=2, width=6, classes=3, stages=[Faulty(base.stages[0]), None])
+    model = testing.random_mlp(0, num_exits=2, width=6, classes=3, stages=[testing.FaultyStage(base.stages[0]), None])
     server = ExitServer(model, max_batch_size=8, max_wait_ms=0.0)
     try:
         c = TestClient(create_app(server, (6,)))
