@@ -8,9 +8,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace branchynet {
+
+// Criterion ids (branchynet.config): 0 entropy, 1 max_prob, 2 margin score a row and
+// compare the score with the threshold; 3 is PABEE's patience, whose test reads and writes
+// the per-row state below.
+constexpr int64_t kPatience = 3;
 
 struct ExitStepShape {
   int64_t K;  // rows in flight
@@ -18,10 +24,13 @@ struct ExitStepShape {
   int64_t B;  // rows of the output buffers (the original batch)
 };
 
+// patience_state: [B, 2] int64, contiguous, indexed by original row like the out_*
+// buffers: (prediction at the previous exit, streak). Given exactly when the criterion is
+// patience: indexed by original row, it needs no gather when the survivors are compacted.
 inline ExitStepShape check_exit_step_args(
     const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t criterion,
     const at::Tensor& out_logits, const at::Tensor& out_pred, const at::Tensor& out_exit,
-    const at::Tensor& out_entropy) {
+    const at::Tensor& out_entropy, const std::optional<at::Tensor>& patience_state) {
   TORCH_CHECK(logits.dim() == 2, "exit_step: logits must be [K, C], got rank ", logits.dim());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
@@ -46,7 +55,20 @@ inline ExitStepShape check_exit_step_args(
     TORCH_CHECK(t->device() == logits.device(), "exit_step: all tensors must be on ", logits.device(),
                 ", got one on ", t->device());
   }
-  TORCH_CHECK(criterion >= 0 && criterion <= 2, "exit_step: criterion must be 0, 1 or 2, got ", criterion);
+  TORCH_CHECK(criterion >= 0 && criterion <= kPatience, "exit_step: criterion must be 0, 1, 2 or 3, got ",
+              criterion);
+  const bool has_state = patience_state.has_value() && patience_state->defined();
+  TORCH_CHECK(has_state == (criterion == kPatience),
+              criterion == kPatience ? "exit_step: criterion 3 (patience) needs patience_state [B, 2] int64"
+                                     : "exit_step: patience_state is only for criterion 3 (patience)");
+  if (has_state) {
+    const at::Tensor& st = *patience_state;
+    TORCH_CHECK(st.scalar_type() == at::kLong && st.dim() == 2 && st.size(0) == B && st.size(1) == 2,
+                "exit_step: patience_state must be int64 [", B, ", 2], got ", st.scalar_type(), " ", st.sizes());
+    TORCH_CHECK(st.is_contiguous(), "exit_step: patience_state must be contiguous");
+    TORCH_CHECK(st.device() == logits.device(), "exit_step: all tensors must be on ", logits.device(),
+                ", got one on ", st.device());
+  }
   TORCH_CHECK(!std::isnan(threshold), "exit_step: threshold is NaN");
   return {K, C, B};
 }
