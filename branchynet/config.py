@@ -15,12 +15,22 @@ from typing import Sequence
 #: - ``"margin"``: ``1 - (p_top1 - p_top2)`` (exit when the top-2 gap exceeds ``1 - T``).
 CRITERIA = ("entropy", "max_prob", "margin")
 
+#: The exit op's criteria: the score criteria, then PABEE's patience (Zhou et al. 2020),
+#: which has no score: a row leaves when its prediction has agreed with the exits before
+#: it ``threshold`` times in a row, a streak the op keeps per row
+#: (:func:`branchynet.ops.exit_step`). An engine criterion, not a model's
+#: (``ExitConfig.criterion`` takes :data:`CRITERIA`).
+OP_CRITERIA = CRITERIA + ("patience",)
+PATIENCE_ID = OP_CRITERIA.index("patience")
 
-def criterion_id(criterion: str) -> int:
-    """Integer code of a criterion, as the compiled kernels take it."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    return CRITERIA.index(criterion)
+
+def criterion_id(criterion: str, *, patience: bool = False) -> int:
+    """Integer code of a criterion, as the compiled kernels take it; ``patience``: also
+    accept ``"patience"`` (:data:`PATIENCE_ID`)."""
+    names = OP_CRITERIA if patience else CRITERIA
+    if criterion not in names:
+        raise ValueError(f"criterion must be one of {names}, got {criterion!r}")
+    return names.index(criterion)
 
 
 def check_thresholds(thresholds: Sequence[float], num_exits: int) -> tuple[float, ...]:

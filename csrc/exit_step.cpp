@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -57,10 +58,11 @@ inline T nan_max(T a, T b) {
 std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
     const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t exit_index,
     const at::Tensor& out_logits, const at::Tensor& out_pred, const at::Tensor& out_exit,
-    const at::Tensor& out_entropy, int64_t criterion, bool last) {
+    const at::Tensor& out_entropy, int64_t criterion, bool last,
+    const std::optional<at::Tensor>& patience_state) {
   TORCH_CHECK(logits.device().is_cpu(), "branchynet::exit_step (CPU): logits must be on the CPU");
   const ExitStepShape shape = check_exit_step_args(logits, rows, threshold, criterion, out_logits,
-                                                   out_pred, out_exit, out_entropy);
+                                                   out_pred, out_exit, out_entropy, patience_state);
   const int64_t K = shape.K, C = shape.C, B = shape.B;
   const auto dtype = logits.scalar_type();
 
@@ -82,6 +84,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
     int64_t* oe = out_exit.mutable_data_ptr<int64_t>();
     float* oh = out_entropy.mutable_data_ptr<float>();
     const int64_t sp = out_pred.stride(0), se = out_exit.stride(0), sh = out_entropy.stride(0);
+    // Patience: (previous prediction, streak) of original row r at state[2r], [2r + 1].
+    int64_t* state = criterion == kPatience ? patience_state->mutable_data_ptr<int64_t>() : nullptr;
     const acc_t thr = static_cast<acc_t>(threshold);
     const acc_t inf = std::numeric_limits<acc_t>::infinity();
     at::parallel_for(0, K, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
@@ -122,13 +126,25 @@ std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
         }
         acc_t h = static_cast<acc_t>(std::log(s) - t / s);
         if (h < acc_t(0)) h = acc_t(0);
-        acc_t score = h;
-        if (criterion == 1) score = static_cast<acc_t>(rest / s);
-        else if (criterion == 2) score = static_cast<acc_t>((rest + static_cast<double>(e2)) / s);
-        if (std::isnan(h)) score = h;
-        if (!(last || score < thr)) continue;
-        leave[i] = 1;
         const int64_t ri = rp[i];
+        bool go;
+        if (criterion == kPatience) {
+          // PABEE: the streak of agreeing predictions, 0 at the first exit (whose state is
+          // not read: the buffer may be uninitialised), kept for every row of the call.
+          int64_t* st = state + 2 * ri;
+          const int64_t streak = (exit_index != 0 && st[0] == arg) ? st[1] + 1 : 0;
+          st[0] = arg;
+          st[1] = streak;
+          go = last || (static_cast<double>(streak) >= threshold && !std::isnan(h));
+        } else {
+          acc_t score = h;
+          if (criterion == 1) score = static_cast<acc_t>(rest / s);
+          else if (criterion == 2) score = static_cast<acc_t>((rest + static_cast<double>(e2)) / s);
+          if (std::isnan(h)) score = h;
+          go = last || score < thr;
+        }
+        if (!go) continue;
+        leave[i] = 1;
         std::memcpy(ol + ri * C, row, static_cast<size_t>(C) * sizeof(scalar_t));
         op[ri * sp] = arg;
         oe[ri * se] = exit_index;
@@ -163,9 +179,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t> exit_step_cpu_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_step_cpu(
     const at::Tensor& logits, const at::Tensor& rows, double threshold, int64_t exit_index,
     const at::Tensor& out_logits, const at::Tensor& out_pred, const at::Tensor& out_exit,
-    const at::Tensor& out_entropy, int64_t criterion, bool last) {
-  auto [survivors, survivor_rows, n] = exit_step_cpu_impl(
-      logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last);
+    const at::Tensor& out_entropy, int64_t criterion, bool last, const std::optional<at::Tensor>& patience_state) {
+  auto [survivors, survivor_rows, n] = exit_step_cpu_impl(logits, rows, threshold, exit_index, out_logits, out_pred,
+                                                          out_exit, out_entropy, criterion, last, patience_state);
   at::Tensor count = at::empty({1}, rows.options());
   count.mutable_data_ptr<int64_t>()[0] = n;
   return {survivors, survivor_rows, count};
@@ -212,7 +228,7 @@ TORCH_LIBRARY_IMPL(branchynet, CPU, m) {
 namespace {
 
 // exit_step_direct(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit,
-//                  out_entropy, criterion, last)
+//                  out_entropy, criterion, last[, patience_state])
 // The CPU kernel called straight from Python, in the op's argument order, for
 // branchynet.ops' bound exit op (the eager engine's step): no dispatcher, no count tensor.
 // At B = 1 the dispatcher path (schema parsing, out-argument handling, a cold path after
@@ -224,14 +240,20 @@ namespace {
 // calls torch.ops.branchynet.exit_step instead.
 PyObject* exit_step_direct(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *logits_o, *rows_o, *ol_o, *op_o, *oe_o, *oh_o;
+  PyObject *logits_o, *rows_o, *ol_o, *op_o, *oe_o, *oh_o, *state_o = Py_None;
   double threshold;
   long long criterion, exit_index;
   int last;
-  if (!PyArg_ParseTuple(args, "OOdLOOOOLp:exit_step_direct", &logits_o, &rows_o, &threshold, &exit_index,
-                        &ol_o, &op_o, &oe_o, &oh_o, &criterion, &last)) {
+  if (!PyArg_ParseTuple(args, "OOdLOOOOLp|O:exit_step_direct", &logits_o, &rows_o, &threshold, &exit_index,
+                        &ol_o, &op_o, &oe_o, &oh_o, &criterion, &last, &state_o)) {
     return nullptr;
   }
+  if (state_o != Py_None && !THPVariable_Check(state_o)) {
+    PyErr_SetString(PyExc_TypeError, "exit_step_direct: patience_state must be a tensor or None");
+    return nullptr;
+  }
+  std::optional<at::Tensor> patience_state;
+  if (state_o != Py_None) patience_state = THPVariable_Unpack(state_o);
   const bool alloc = ol_o == Py_None;
   if (alloc != (op_o == Py_None) || alloc != (oe_o == Py_None) || alloc != (oh_o == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "exit_step_direct: pass all four out_* buffers or four None");
@@ -271,7 +293,7 @@ PyObject* exit_step_direct(PyObject* /*self*/, PyObject* args) {
     PyThreadState* state = release ? PyEval_SaveThread() : nullptr;
     try {
       res = branchynet::exit_step_cpu_impl(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit,
-                                           out_entropy, criterion, last != 0);
+                                           out_entropy, criterion, last != 0, patience_state);
     } catch (...) {
       if (state != nullptr) PyEval_RestoreThread(state);
       throw;

@@ -20,10 +20,10 @@ import warnings
 
 import torch
 
-from ..config import criterion_id
+from ..config import PATIENCE_ID, criterion_id
 from ..exits import _check_logits
 from . import _backends, _library  # noqa: F401  (_library defines the ops on import)
-from ._backends import BACKENDS, ExitOp, available_backends, implementation, resolve_backend
+from ._backends import BACKENDS, ExitOp, available_backends, implementation, new_patience_state, resolve_backend
 
 __all__ = [
     "exit_step",
@@ -35,6 +35,7 @@ __all__ = [
     "backend_status",
     "implementation",
     "BACKENDS",
+    "new_patience_state",
 ]
 
 
@@ -144,6 +145,7 @@ def exit_step(
     criterion: str = "entropy",
     last: bool = False,
     backend: str = "auto",
+    patience_state: torch.Tensor | None = None,
 ):
     """One exit point: decide, write the exiting rows, compact the survivors.
 
@@ -152,6 +154,12 @@ def exit_step(
     (every row leaves when ``last``). A leaving row ``i`` writes its logits, prediction,
     ``exit_index`` and entropy into the output buffers at row ``rows[i]`` of the original
     batch; the other rows of the buffers are left untouched.
+
+    ``criterion="patience"`` (PABEE) has no score: row ``i`` (original row ``r``) has the
+    streak ``cnt = state[r, 1] + 1`` if its prediction equals ``state[r, 0]`` (the previous
+    exit's), else 0, and 0 at ``exit_index`` 0 (the state is not read there); the op
+    writes ``state[r] = (pred, cnt)`` for every row of the call, and the row leaves when
+    ``cnt >= threshold`` (the patience P) and its entropy is not NaN, or when ``last``.
 
     Args:
         logits: [K, C] fp32/fp16/bf16, this exit's logits for the rows in flight.
@@ -162,11 +170,16 @@ def exit_step(
         exit_index: 0-based index of this exit (an integer >= 0), written to ``out_exit``.
         out_logits: [B, C] contiguous, same dtype as ``logits``.
         out_pred, out_exit: [B] int64. out_entropy: [B] float32.
-        criterion: ``"entropy"`` (the paper's), ``"max_prob"`` or ``"margin"``.
+        criterion: ``"entropy"`` (the paper's), ``"max_prob"``, ``"margin"`` or
+            ``"patience"``.
         last: the final exit, which takes every remaining row.
         backend: ``"auto"`` (what ``torch.ops.branchynet.exit_step`` runs for the device),
             or ``"cuda"``, ``"triton"``, ``"cpp"``, ``"torch"`` to run that one (tests,
             benchmarks, ``branchynet selftest``).
+        patience_state: [B, 2] int64, contiguous, on the logits' device: each original
+            row's previous prediction and streak, for ``criterion="patience"`` only
+            (required there). Indexed by original row, it needs no gather when the
+            survivors are compacted.
 
     Returns:
         ``(survivors [K] int64, survivor_rows [K] int64, count [1] int64)``, all on the
@@ -177,9 +190,29 @@ def exit_step(
     """
     threshold = _check_exit_args(logits, rows, threshold, out_logits, out_pred, out_exit, out_entropy)
     exit_index = _check_exit_index(exit_index)
+    cid = criterion_id(criterion, patience=True)
+    _check_patience_state(patience_state, cid, logits, out_logits.shape[0])
     step = implementation(resolve_backend(backend, logits.device))[0]
     return step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                criterion=criterion_id(criterion), last=bool(last))
+                criterion=cid, last=bool(last), patience_state=patience_state)
+
+
+def _check_patience_state(state, cid: int, logits: torch.Tensor, b: int) -> None:
+    if cid != PATIENCE_ID:
+        if state is not None:
+            raise ValueError("patience_state is only for criterion='patience'")
+        return
+    if state is None:
+        raise ValueError("criterion='patience' needs patience_state, an int64 tensor [B, 2] "
+                         "(branchynet.ops.new_patience_state(B, device))")
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"patience_state must be a torch.Tensor, got {type(state).__name__}")
+    if state.dtype != torch.int64 or state.shape != (b, 2):
+        raise ValueError(f"patience_state must be int64 of shape [{b}, 2], got {state.dtype} {tuple(state.shape)}")
+    if state.device != logits.device:
+        raise ValueError(f"patience_state is on {state.device} but logits are on {logits.device}")
+    if not state.is_contiguous():
+        raise ValueError("patience_state must be contiguous")
 
 
 def gather_rows(features: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import _build
+from ..config import PATIENCE_ID
 from . import _library, _verify
 from ._torch import exit_step_torch, gather_rows_torch
 
@@ -155,7 +156,8 @@ def implementation(backend: str):
     """``(exit_step, gather_rows)`` of a resolved backend, without argument checks.
 
     ``exit_step`` takes the op's arguments in its order: ``(logits, rows, threshold,
-    exit_index, out_logits, out_pred, out_exit, out_entropy, criterion=0, last=False)``
+    exit_index, out_logits, out_pred, out_exit, out_entropy, criterion=0, last=False,
+    patience_state=None)``
     with the criterion as its integer id, and returns ``(survivors, survivor_rows,
     count [1])``. The compiled backends are the dispatcher op (which runs their kernels
     on their devices); ``torch`` and ``triton`` are their Python functions, so that an
@@ -174,8 +176,9 @@ class ExitOp(NamedTuple):
     """The exit op bound to one backend, for a loop that calls it once per exit.
 
     ``step(logits, rows, threshold, exit_index, out, criterion, last)`` is the op in its
-    argument order with the four output buffers as one list ``out``: an empty list is
-    filled with new buffers of K rows (the first exit, whose rows are 0..K-1). It returns
+    argument order with the four output buffers (and, for the patience criterion, its
+    state as a fifth) as one list ``out``: an empty list is filled with new buffers of K
+    rows (the first exit, whose rows are 0..K-1). It returns
     ``(survivors, survivor_rows, count)``, ``count`` an int or a [1] tensor (``int()``
     of it is the one host read-back per exit). No argument checks: the caller makes
     the buffers. ``traceable`` is the same op as torch.compile can trace it (the
@@ -189,19 +192,35 @@ class ExitOp(NamedTuple):
     traceable: Callable | None
 
 
-def new_outputs(b: int, c: int, dtype: torch.dtype, device: torch.device) -> list:
+def new_outputs(b: int, c: int, dtype: torch.dtype, device: torch.device, patience: bool = False) -> list:
     """The exit op's four output buffers for B rows, uninitialised: logits [B, C] of
-    ``dtype``, pred and exit [B] int64, entropy [B] float32."""
-    return [torch.empty(b, c, dtype=dtype, device=device),
-            torch.empty(b, dtype=torch.int64, device=device),
-            torch.empty(b, dtype=torch.int64, device=device),
-            torch.empty(b, dtype=torch.float32, device=device)]
+    ``dtype``, pred and exit [B] int64, entropy [B] float32; with ``patience`` a fifth,
+    the patience state [B, 2] int64 (:func:`new_patience_state`)."""
+    out = [torch.empty(b, c, dtype=dtype, device=device),
+           torch.empty(b, dtype=torch.int64, device=device),
+           torch.empty(b, dtype=torch.int64, device=device),
+           torch.empty(b, dtype=torch.float32, device=device)]
+    if patience:
+        out.append(new_patience_state(b, device))
+    return out
+
+
+def new_patience_state(b: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The patience criterion's per-row state for B rows: [B, 2] int64 (previous exit's
+    prediction, streak), uninitialised: exit 0 writes every row without reading it."""
+    return torch.empty(b, 2, dtype=torch.int64, device=device)
 
 
 def _generic_step(exit_step):
+    # ``out`` holds the four output buffers, and the patience state as a fifth under the
+    # patience criterion (the op's last argument).
     def step(logits, rows, threshold, exit_index, out, criterion, last):
         if not out:
-            out += new_outputs(logits.shape[0], logits.shape[1], logits.dtype, logits.device)
+            out += new_outputs(logits.shape[0], logits.shape[1], logits.dtype, logits.device,
+                               criterion == PATIENCE_ID)
+        if len(out) == 5:
+            return exit_step(logits, rows, threshold, exit_index, *out[:4], criterion=criterion, last=last,
+                             patience_state=out[4])
         return exit_step(logits, rows, threshold, exit_index, *out, criterion=criterion, last=last)
     return step
 
@@ -217,7 +236,10 @@ def _cpp_step(direct, fallback):
         if is_compiling():
             return fallback(logits, rows, threshold, exit_index, out, criterion, last)
         if out:
-            return direct(logits, rows, threshold, exit_index, *out, criterion, last)
+            return direct(logits, rows, threshold, exit_index, *out[:4], criterion, last, *out[4:])
+        if criterion == PATIENCE_ID:  # the state too: allocated here, not by the extension
+            out += new_outputs(logits.shape[0], logits.shape[1], logits.dtype, logits.device, True)
+            return direct(logits, rows, threshold, exit_index, *out[:4], criterion, last, out[4])
         survivors, survivor_rows, count, *new = direct(
             logits, rows, threshold, exit_index, None, None, None, None, criterion, last)
         out += new

@@ -29,19 +29,22 @@ __all__ = ["EXIT_STEP_SCHEMA", "GATHER_ROWS_SCHEMA", "register_triton_for_cuda",
            "gather_rows_fake"]
 
 #: ``out_*`` are written in place, only at the rows that leave; the three returns are new.
-#: The argument order is that of every implementation and of :func:`branchynet.ops.exit_step`.
+#: ``patience_state`` ([B, 2] int64, criterion 3 only) is read and written at every row of
+#: the call. The argument order is that of every implementation and of
+#: :func:`branchynet.ops.exit_step`.
 EXIT_STEP_SCHEMA = (
     "exit_step(Tensor logits, Tensor rows, float threshold, int exit_index, "
     "Tensor(a!) out_logits, Tensor(b!) out_pred, Tensor(c!) out_exit, Tensor(d!) out_entropy, "
-    "int criterion=0, bool last=False) -> (Tensor, Tensor, Tensor)"
+    "int criterion=0, bool last=False, Tensor(e!)? patience_state=None) -> (Tensor, Tensor, Tensor)"
 )
 GATHER_ROWS_SCHEMA = "gather_rows(Tensor features, Tensor index) -> Tensor"
 
 
 def exit_step_fake(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                   criterion=0, last=False):
+                   criterion=0, last=False, patience_state=None):
     """``(survivors [K], survivor_rows [K], count [1])``, int64, on the logits' device; the
-    out_* buffers are mutated in place (``Tensor(a!)``), nothing to do for them here."""
+    out_* buffers and the patience state are mutated in place (``Tensor(a!)``), nothing to
+    do for them here."""
     k = logits.shape[0]
     return (logits.new_empty((k,), dtype=torch.int64), logits.new_empty((k,), dtype=torch.int64),
             logits.new_empty((1,), dtype=torch.int64))

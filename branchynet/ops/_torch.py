@@ -7,6 +7,9 @@ CPU, where there is no device to wait for, it indexes the leaving rows directly,
 few rows (the one-sample regime of the paper) go through plain Python floats instead:
 ~25 PyTorch ops at 1.5-4 us of fixed cost each would cost more than a B-LeNet stage.
 Survivors keep their input order in all three.
+
+Criterion 3 is PABEE's patience: no score, a per-row streak kept in ``patience_state``
+([B, 2] int64 by original row: previous exit's prediction, streak), read and written here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import struct
 import numpy as np
 import torch
 
+from ..config import PATIENCE_ID
 from ..exits import _scores
 
 # Rows x classes up to which the CPU path computes in Python floats. CPU time per call,
@@ -70,17 +74,27 @@ def _row_scores(z: list, cid: int):
 
 
 def _exit_step_scalar(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                      criterion=0, last=False):
+                      criterion=0, last=False, patience_state=None):
     """The CPU exit op for a few rows, in Python floats; same contract and answers."""
     f64 = logits.dtype == torch.float64
     rnd = (lambda x: x) if f64 else _f32
     thr = rnd(float(threshold))
     zs = logits.tolist()
     rs = rows.tolist()
+    patience = criterion == PATIENCE_ID
+    if patience:
+        state = patience_state.numpy()
     stay, go, go_h, go_pred = [], [], [], []
     for i, z in enumerate(zs):
-        score, h, pred = _row_scores(z, criterion)
-        if last or rnd(score) < thr:
+        score, h, pred = _row_scores(z, 0 if patience else criterion)
+        if patience:
+            r = rs[i]
+            streak = int(state[r, 1]) + 1 if exit_index and int(state[r, 0]) == pred else 0
+            state[r, 0], state[r, 1] = pred, streak
+            leave = last or (streak >= threshold and h == h)
+        else:
+            leave = last or rnd(score) < thr
+        if leave:
             go.append(i)
             go_h.append(rnd(h))
             go_pred.append(pred)
@@ -125,21 +139,30 @@ def exit_step_torch(
     out_entropy: torch.Tensor,
     criterion: int = 0,
     last: bool = False,
+    patience_state: torch.Tensor | None = None,
 ):
     """See :func:`branchynet.ops.exit_step` for the contract (criterion as its id)."""
-    args = (logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last)
+    if (patience_state is not None) != (criterion == PATIENCE_ID):
+        raise ValueError("exit_step: patience_state is given exactly with criterion 3 (patience)")
+    args = (logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last,
+            patience_state)
     if logits.device.type == "cpu" and logits.shape[0] * logits.shape[1] <= SCALAR_MAX_ELEMENTS:
         return _exit_step_scalar(*args)
     return _exit_step_vectorized(*args)
 
 
 def _exit_step_vectorized(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                          criterion=0, last=False):
+                          criterion=0, last=False, patience_state=None):
     """The exit op as PyTorch ops over the whole batch, on any device."""
     k = logits.shape[0]
-    score, h, pred = _scores(logits, criterion)
+    patience = criterion == PATIENCE_ID
+    score, h, pred = _scores(logits, 0 if patience else criterion)
+    if patience:
+        streak = _patience_streak(patience_state, rows, pred, exit_index)
     if last:
         leave = torch.ones(k, dtype=torch.bool, device=logits.device)
+    elif patience:
+        leave = (streak >= threshold) & ~torch.isnan(h)  # a NaN row never leaves early
     else:
         leave = score < threshold
     if logits.device.type == "cpu":
@@ -167,6 +190,19 @@ def _exit_step_vectorized(logits, rows, threshold, exit_index, out_logits, out_p
     order = torch.argsort(leave.to(torch.int8), stable=True)
     count = (~leave).sum().reshape(1).to(torch.int64)
     return order, rows[order], count
+
+
+def _patience_streak(state: torch.Tensor, rows: torch.Tensor, pred: torch.Tensor, exit_index: int):
+    """PABEE's streak of each row at this exit, written back with the prediction at
+    every row of the call: ``cnt = cnt_prev + 1`` where the prediction equals the
+    previous exit's, else 0, and 0 at the first exit (whose state is not read)."""
+    if exit_index == 0:
+        streak = torch.zeros_like(pred)
+    else:
+        prev = state.index_select(0, rows)
+        streak = torch.where(pred == prev[:, 0], prev[:, 1] + 1, 0)
+    state.index_copy_(0, rows, torch.stack([pred, streak], 1))
+    return streak
 
 
 def gather_rows_torch(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
