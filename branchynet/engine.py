@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ._compile import check_buckets, compile_kwargs, first_stage_inputs, own_code, warm_counts
-from .config import check_thresholds, criterion_id
+from .config import PATIENCE_ID, check_thresholds, criterion_id
 from .ops import bind, resolve_backend
 from .ops._backends import new_outputs
-from .patience import check_patience, patience_region
+from .patience import check_patience
 from .state import check_state, first_tensor, gather_state, slice_state, state_input
 
 if TYPE_CHECKING:
@@ -95,8 +95,8 @@ class EarlyExitEngine:
             counted. Needs ``compile``.
         patience: P of ``criterion="patience"`` (PABEE): a sample leaves at the first
             side exit whose prediction equals that of the P exits before it
-            (:mod:`branchynet.patience`); the thresholds are not used, and the regions
-            run eagerly (the decision reads each row's streak on the host).
+            (:mod:`branchynet.patience`); the thresholds are not used. The exit op
+            decides it on every backend, compiled stages and buckets included.
 
     Example:
         >>> engine = EarlyExitEngine(model, thresholds=[0.05])
@@ -147,12 +147,12 @@ class EarlyExitEngine:
     def criterion(self, value: str) -> None:
         if value == "patience":
             check_patience(self.patience)
-            # The exit op writes the leaving rows; their score is the entropy.
-            self._cid, self._patience = criterion_id("entropy"), self.patience
+            # The exit op keeps each row's streak and compares it with P, every side
+            # exit's threshold; the leaving rows' entropy is written as for the others.
+            self._cid, self._patience = PATIENCE_ID, self.patience
         else:
             self._cid, self._patience = criterion_id(value), None
         self._criterion = value
-        self._multi = self._multi_model or self._patience is not None
         self._regions = {}  # they hold the criterion (a graph's constant)
 
     @property
@@ -285,7 +285,7 @@ class EarlyExitEngine:
         Returns:
             :class:`ExitResult` for every row, in input order.
         """
-        if inputs or self._multi or not isinstance(x, torch.Tensor):
+        if inputs or self._multi_model or not isinstance(x, torch.Tensor):
             if len(inputs) == 1 and "x" in inputs and x is None and not self._multi_model:
                 return self(inputs["x"])  # engine(x=...), as before keyword arguments
             return self._call_state(state_input(x, inputs))
@@ -294,25 +294,29 @@ class EarlyExitEngine:
             if self._compile is None or x.shape[0] == 0:
                 return self._run(x, self._plan(x.device, False), [])
             c, dtype = self._spec(x)
-            out = new_outputs(x.shape[0], c, dtype, x.device)
+            out = self._new_outputs(x.shape[0], c, dtype, x.device)
             if self._buckets is None:
                 return self._run(x, self._plan(x.device, True), out)
             if self._cudagraphs():
                 torch.compiler.cudagraph_mark_step_begin()
             return self._run(x, self._plan(x.device, True), out, padded=True)
 
+    def _new_outputs(self, b: int, c: int, dtype: torch.dtype, device: torch.device) -> list:
+        """The exit op's buffers for a compiled call, the patience state among them."""
+        return new_outputs(b, c, dtype, device, self._patience is not None)
+
     def _call_state(self, h) -> ExitResult:
-        """:meth:`__call__` for a state of several tensors (or the patience rule): the same
-        loop and regions, with :func:`~branchynet.state.gather_state` as the gather."""
+        """:meth:`__call__` for a state of several tensors: the same loop and regions,
+        with :func:`~branchynet.state.gather_state` as the gather."""
         if self.model.training:
             raise RuntimeError("the model is in training mode: call model.eval() before inference")
         b, dev = check_state(h, self._device())
         rows = self._rows(b, dev)
         with _inference_mode(True):
-            if self._compile is None or self._patience is not None or b == 0:
+            if self._compile is None or b == 0:
                 return self._run(h, self._plan(dev, False, True), [], rows=rows)
             c, dtype = self._spec(h)
-            out = new_outputs(b, c, dtype, dev)
+            out = self._new_outputs(b, c, dtype, dev)
             padded = self._buckets is not None
             if padded and self._cudagraphs():
                 torch.compiler.cudagraph_mark_step_begin()
@@ -326,8 +330,8 @@ class EarlyExitEngine:
             x: [B, ...] the batch.
             plan: ``(regions, gather)``: a region per exit, ``(h, rows, out) -> (h,
                 (survivors, survivor_rows, count))``, and the bound op's gather.
-            out: the four output buffers of B rows, or an empty list for the first exit
-                op to fill.
+            out: the four output buffers of B rows (and the patience state), or an
+                empty list for the first exit op to fill.
             padded: the regions run static graphs: survivors are gathered padded up to
                 their bucket (:meth:`_pad`).
             rows: ``arange(B)`` for a state of several tensors (default: from ``x``).
@@ -358,17 +362,14 @@ class EarlyExitEngine:
     def _plan(self, device: torch.device, compiled: bool, state: bool = False) -> tuple:
         """``(regions, gather)`` for inputs on ``device``, built once (per thresholds).
 
-        ``state``: the stages carry a tuple or dict of tensors (or the criterion is
-        patience, whose per-row streak rides with the features): the gather is
+        ``state``: the stages carry a tuple or dict of tensors: the gather is
         :func:`gather_state`, picked here once so that a one-tensor state keeps the
         bound op's gather and pays nothing for the others."""
         key = ((device, True) if compiled else device) if not state else (device, compiled, "state")
         plan = self._regions.get(key)
         if plan is None:
             op = self._op(device)
-            if self._patience is not None:
-                make = self._patience_region
-            elif not compiled:
+            if not compiled:
                 make = self._eager_region
             else:
                 make = self._compiled_region if self._buckets is None else self._bucket_region
@@ -376,15 +377,12 @@ class EarlyExitEngine:
             plan = self._regions[key] = ([make(n, op) for n in range(self.num_exits)], gather)
         return plan
 
-    def _patience_region(self, n: int, op):
-        stage, branch, _, cid, last = self._exit_args(n)
-        return patience_region(n, stage, branch, op.step, self._patience, cid, last)
-
     def _exit_args(self, n: int) -> tuple:
-        """``(stage, branch, threshold, criterion id, last)`` of exit n."""
+        """``(stage, branch, threshold, criterion id, last)`` of exit n; under the
+        patience criterion every side exit's threshold is P."""
         last = n == self.num_exits - 1
-        return (self.model.stages[n], self.model.branches[n], 0.0 if last else self._thresholds[n],
-                self._cid, last)
+        threshold = 0.0 if last else (self._thresholds[n] if self._patience is None else float(self._patience))
+        return (self.model.stages[n], self.model.branches[n], threshold, self._cid, last)
 
     def _eager_region(self, n: int, op):
         stage, branch, threshold, cid, last = self._exit_args(n)
@@ -411,10 +409,10 @@ class EarlyExitEngine:
         if op.traceable is not None:
             exit_op = op.traceable
 
-            def fn(h, rows, out_logits, out_pred, out_exit, out_entropy):
+            def fn(h, rows, out_logits, out_pred, out_exit, out_entropy, patience_state=None):
                 h = stage(h)
                 return h, exit_op(branch(h), rows, threshold, n, out_logits, out_pred, out_exit, out_entropy,
-                                  cid, last)
+                                  cid, last, patience_state)
             graph = torch.compile(own_code(fn, f"exit{n}_region"), **kwargs)
 
             def compiled(h, rows, out):
@@ -577,7 +575,7 @@ class EarlyExitEngine:
         regions = self._plan(dev, True)[0]
         c, dtype = self._spec(first)
         for b in sorted(set(sizes)):
-            out = new_outputs(b, c, dtype, dev)
+            out = self._new_outputs(b, c, dtype, dev)
             for k in warm_counts(b):
                 if k == 1:
                     continue  # one row runs uncompiled
@@ -598,7 +596,7 @@ class EarlyExitEngine:
         """
         if len(inputs) == 1 and "x" in inputs and x is None and not self._multi_model:
             x, inputs = inputs["x"], {}  # per_sample(x=...), as before keyword arguments
-        if inputs or self._multi or not isinstance(x, torch.Tensor):
+        if inputs or self._multi_model or not isinstance(x, torch.Tensor):
             h = state_input(x, inputs)
             b, dev = check_state(h, self._device())
             plan, one = self._plan(dev, False, True), self._rows(1, dev)

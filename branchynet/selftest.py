@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops, testing
-from .config import CRITERIA
+from .config import OP_CRITERIA
 from .ops import _verify
 from .tables import markdown_table
 
@@ -105,7 +105,7 @@ def check_exit_step(device, backend, dtype, *, classes=CLASSES, batches=BATCHES,
             logits = testing.sample_logits(k, c, dtype, device, seed=31 * c + k, special=True)
             b = k + 5
             rows = testing.sample_rows(k, b, device, seed=k + c)
-            for crit, crit_name in enumerate(CRITERIA):
+            for crit, crit_name in enumerate(OP_CRITERIA):
                 for _, t, last in testing.exit_patterns(logits, crit):
                     where = f"C={c} K={k} {crit_name} T={t:.3g}{' last' if last else ''}"
                     try:

@@ -12,7 +12,8 @@ here, so a sample, a poison value or a tolerance is defined once:
   shows;
 - thresholds: one in a gap of the scores (:func:`gap_threshold`), the exit patterns
   (:func:`exit_patterns`: all leave, none leave, a mixed split, the last exit), per-exit
-  thresholds that split a batch (:func:`split_thresholds`);
+  thresholds that split a batch (:func:`split_thresholds`); for the patience criterion
+  a start state whose streaks split a batch (:func:`patience_sample_state`);
 - the comparison of an implementation with the PyTorch reference
   (:func:`compare_exit_step`, :func:`compare_gather`, and :func:`compare_bound` for the
   op bound as the engine calls it);
@@ -21,7 +22,8 @@ here, so a sample, a poison value or a tolerance is defined once:
 
 An *implementation* of the exit op here is any callable in the op's argument order,
 unchecked: ``step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit,
-out_entropy, criterion_id, last) -> (survivors, survivor_rows, count)`` (every kernel,
+out_entropy, criterion_id, last[, patience_state]) -> (survivors, survivor_rows, count)``
+(the patience state only with the patience criterion's id, 3; every kernel,
 ``torch.ops.branchynet.exit_step`` and :func:`branchynet.ops.implementation` take it);
 :func:`backend_impl` gives the public op with a named backend in that form.
 
@@ -41,11 +43,11 @@ from typing import NamedTuple
 
 import torch
 
-from .config import CRITERIA
+from .config import CRITERIA, OP_CRITERIA, PATIENCE_ID
 
 __all__ = [
     "DTYPES", "POISON", "dtype_name", "sample_logits", "special_logits", "sample_rows",
-    "poisoned_buffers", "gap_threshold", "exit_patterns", "tie_logits", "tie_threshold", "gather_samples", "backend_impl",
+    "poisoned_buffers", "patience_sample_state", "gap_threshold", "exit_patterns", "tie_logits", "tie_threshold", "gather_samples", "backend_impl",
     "Comparison", "compare_exit_step", "compare_gather", "compare_bound",
     "FaultyStage", "RuleAnswer", "per_sample_rule", "patience_rule", "split_thresholds", "compare_engine",
 ]
@@ -170,6 +172,24 @@ def poisoned_buffers(b: int, c: int, dtype, device, *, strided: bool = False):
             per_row(POISON["entropy"], torch.float32))
 
 
+def patience_sample_state(logits: torch.Tensor, rows: torch.Tensor, b: int, seed: int) -> torch.Tensor:
+    """[B, 2] int64 on the host: a patience state as an earlier exit left it for the rows
+    of a call (half of them predicted there what ``logits`` predicts now, streaks 0..3),
+    and values no exit writes (-7, -9) at the other rows, which the op must not touch.
+    With the threshold P = 2 of :func:`exit_patterns` the rows split."""
+    from .exits import _scores
+
+    g = torch.Generator().manual_seed(seed)
+    k, c = logits.shape
+    state = torch.tensor([[POISON["pred"], POISON["exit"]]], dtype=torch.int64).repeat(b, 1)
+    if k:
+        pred = _scores(logits.detach().cpu(), 0)[2]
+        agree = torch.rand(k, generator=g) < 0.5
+        state[rows.cpu(), 0] = torch.where(agree, pred, (pred + 1) % c)
+        state[rows.cpu(), 1] = torch.randint(0, 4, (k,), generator=g)
+    return state
+
+
 def gather_samples(k: int, device, seed: int = 0):
     """``(name, features [K, ...])`` pairs for the survivor gather: every layout and
     dtype the engine's stage states come in (2-D, 1-D int64, 4-D fp16, channels_last
@@ -205,9 +225,13 @@ def gap_threshold(logits: torch.Tensor, criterion: int) -> float:
 
     Args:
         logits: [K, C], any device.
-        criterion: integer id (index into :data:`branchynet.config.CRITERIA`).
+        criterion: integer id (index into :data:`branchynet.config.CRITERIA`); the
+            patience criterion's threshold is P = 2 (see :func:`patience_sample_state`).
     """
     from .exits import _scores
+
+    if criterion == PATIENCE_ID:
+        return 2.0
 
     score = _scores(logits.detach().cpu(), criterion)[0].double()
     s = score[torch.isfinite(score)].unique().sort().values
@@ -230,11 +254,13 @@ def exit_patterns(logits: torch.Tensor, criterion: int, *, full: bool = True):
     (T = 0: scores are >= 0 and the test is strict), a mixed split
     (:func:`gap_threshold`), the last exit (every row leaves whatever its score). NaN
     rows stay at every side exit. ``full=False``: the mixed split only (large batches
-    under the Triton interpreter)."""
+    under the Triton interpreter). For the patience criterion the threshold is P, and
+    P = 0 lets every row leave, P = inf none."""
     mixed = ("mixed", gap_threshold(logits, criterion), False)
     if not full:
         return [mixed]
-    return [("all leave", math.inf, False), ("none leave", 0.0, False), mixed, ("last", 0.0, True)]
+    everyone, nobody = (0.0, math.inf) if criterion == PATIENCE_ID else (math.inf, 0.0)
+    return [("all leave", everyone, False), ("none leave", nobody, False), mixed, ("last", 0.0, True)]
 
 
 def tie_logits(c: int, dtype, device) -> torch.Tensor:
@@ -271,9 +297,10 @@ def backend_impl(backend: str):
     from . import ops
 
     def exit_step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                  criterion=0, last=False):
+                  criterion=0, last=False, patience_state=None):
         return ops.exit_step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                             criterion=CRITERIA[criterion], last=last, backend=backend)
+                             criterion=OP_CRITERIA[criterion], last=last, backend=backend,
+                             patience_state=patience_state)
 
     def gather_rows(features, index):
         return ops.gather_rows(features, index, backend=backend)
@@ -335,13 +362,14 @@ def _check_outputs(res, k: int, device) -> str | None:
 def compare_exit_step(step, logits, rows, b, threshold, criterion, exit_index, last, *,
                       strided: bool = False, out_factory=None, tol: float | None = None,
                       against_float64: bool = False, permutation: bool = False,
-                      same_order: bool = False) -> Comparison:
+                      same_order: bool = False, patience_state: torch.Tensor | None = None) -> Comparison:
     """Run ``step`` and the reference on the same inputs and poisoned buffers; compare.
 
     Checked: the outputs' shapes, dtypes and device; the survivor count; the survivors
     as a set and ``survivor_rows`` consistent with them; exactly the leaving rows written
     (every other row keeps its poison); exit index and prediction exact; logits copied
-    bit for bit; entropy within :func:`entropy_tolerance` (NaN where the reference's is).
+    bit for bit; entropy within :func:`entropy_tolerance` (NaN where the reference's is);
+    for the patience criterion the whole state after the call, exactly.
 
     Args:
         step: the implementation, in the unchecked form (module docstring).
@@ -357,6 +385,8 @@ def compare_exit_step(step, logits, rows, b, threshold, criterion, exit_index, l
         permutation: also require ``survivors`` to be a permutation of 0..K-1 and
             ``survivor_rows`` to follow it in full (stronger than the contract).
         same_order: also require the reference's survivor order (a serial compaction).
+        patience_state: the patience criterion's state before the call, [B, 2] int64
+            (default: :func:`patience_sample_state`); each side runs on a copy.
 
     Returns:
         A :class:`Comparison`.
@@ -369,12 +399,22 @@ def compare_exit_step(step, logits, rows, b, threshold, criterion, exit_index, l
     got = make(b, c, logits.dtype, dev)
     want = make(b, c, logits.dtype, "cpu")
     h_logits, h_rows = logits.cpu(), rows.cpu()
-    r_surv, r_rows, r_count = exit_step_torch(h_logits, h_rows, threshold, exit_index, *want, criterion, last)
+    state = ()
+    if criterion == PATIENCE_ID:
+        start = patience_sample_state(h_logits, h_rows, b, seed=k + b) if patience_state is None else patience_state
+        state = (start.cpu().clone(), start.clone().to(dev))
+    r_surv, r_rows, r_count = exit_step_torch(h_logits, h_rows, threshold, exit_index, *want, criterion, last,
+                                              *state[:1])
     n = int(r_count)
-    res = step(logits, rows, threshold, exit_index, *got, criterion, last)
+    res = step(logits, rows, threshold, exit_index, *got, criterion, last, *state[1:])
     failure = _survivor_failure(res, dev, h_rows, r_surv, r_rows, n, permutation, same_order)
     if failure:
         return Comparison(failure, math.inf, n)
+    if state and not torch.equal(state[1].cpu(), state[0]):
+        wrong = (state[1].cpu() != state[0]).any(1).nonzero().squeeze(1)
+        return Comparison(f"patience state differs at {wrong.numel()} of {b} rows (first: row {int(wrong[0])}, "
+                          f"{state[1][int(wrong[0])].tolist()}, reference {state[0][int(wrong[0])].tolist()})",
+                          math.inf, n)
     # Exactly the leaving rows' outputs are written: the reference's survivors say which.
     leaving = torch.ones(k, dtype=torch.bool)
     leaving[r_surv[:n]] = False
@@ -495,8 +535,12 @@ def compare_bound(step, logits: torch.Tensor, criterion: int, threshold: float) 
     rows = torch.arange(k, device=logits.device)
     got = []
     surv, s_rows, n = step(logits, rows, threshold, 0, got, criterion, False)
-    want = poisoned_buffers(k, c, logits.dtype, logits.device)
-    r_surv, r_rows, r_count = exit_step_torch(logits, rows, threshold, 0, *want, criterion, False)
+    want = list(poisoned_buffers(k, c, logits.dtype, logits.device))
+    if criterion == PATIENCE_ID:  # the bound op allocates the state with the buffers
+        want.append(torch.full((k, 2), POISON["pred"], dtype=torch.int64, device=logits.device))
+        if len(got) != 5:
+            return f"the bound op allocated {len(got)} buffers for the patience criterion, not 5"
+    r_surv, r_rows, r_count = exit_step_torch(logits, rows, threshold, 0, *want[:4], criterion, False, *want[4:])
     if int(n) != int(r_count):
         return f"survivor count {int(n)}, reference {int(r_count)}"
     n = int(n)
@@ -504,9 +548,9 @@ def compare_bound(step, logits: torch.Tensor, criterion: int, threshold: float) 
         return "survivors differ"
     last = torch.flip(logits, (1,)) * 0.5  # the last branch's logits, one row per sample
     step(last[s_rows[:n]], s_rows[:n], 0.0, 1, got, criterion, True)
-    exit_step_torch(last[r_rows[:n]], r_rows[:n], 0.0, 1, *want, criterion, True)
-    for i, what in ((2, "exit index"), (1, "pred")):
-        if not torch.equal(got[i], want[i]):
+    exit_step_torch(last[r_rows[:n]], r_rows[:n], 0.0, 1, *want[:4], criterion, True, *want[4:])
+    for i, what in ((2, "exit index"), (1, "pred"), (4, "patience state")):
+        if i < len(want) and not torch.equal(got[i], want[i]):
             return f"{what} differs at {int((got[i] != want[i]).sum())} of {k} rows"
     if not torch.equal(_bits(got[0]), _bits(want[0])):
         return "logits not copied bit for bit"
@@ -609,11 +653,18 @@ def patience_rule(exit_logits, patience: int) -> list:
     on the whole batch, as ``model(x)`` returns them), written without the engine:
     ``cnt_0 = 0``, ``cnt_n = cnt_{n-1} + 1`` if exit n's argmax equals exit n-1's, else
     0; a sample leaves at the first side exit with ``cnt_n >= patience``, else at the last.
+    As under every criterion, a row whose logits hold a NaN or +inf (or only -inf) never
+    leaves early; the argmax counts NaN as +inf, first index on ties.
 
     Returns:
         B ``(exit, pred)`` pairs, in input order.
     """
-    preds = [z.argmax(1).tolist() for z in exit_logits]
+    preds, finite = [], []
+    for z in exit_logits:
+        z = z.detach().double().cpu()
+        preds.append(torch.where(torch.isnan(z), math.inf, z).argmax(1).tolist())
+        ok = ~(torch.isnan(z) | (z == math.inf)).any(1) & (z > -math.inf).any(1)
+        finite.append(ok.tolist())
     last = len(preds) - 1
     out = []
     for i in range(len(preds[0])):
@@ -621,7 +672,7 @@ def patience_rule(exit_logits, patience: int) -> list:
         for n in range(last + 1):
             if n:
                 cnt = cnt + 1 if preds[n][i] == preds[n - 1][i] else 0
-            if n == last or cnt >= patience:
+            if n == last or (cnt >= patience and finite[n][i]):
                 out.append((n, preds[n][i]))
                 break
     return out

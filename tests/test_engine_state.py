@@ -147,6 +147,34 @@ def test_patience_equals_rule_from_every_exit(patience, backend):
     assert one.exit.tolist() == [e for e, _ in want[:40]]
 
 
+@pytest.mark.parametrize("buckets", [False, True], ids=["dynamic", "buckets"])
+def test_patience_compiled_equals_the_rule(buckets):
+    # The op (with its mutated patience state) inside compiled regions: functionalised
+    # by aot_eager as inductor would; the bucketed regions run it outside the graph.
+    model = random_mlp(seed=3, num_exits=6, classes=3)
+    x = torch.randn(257, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = patience_rule(model(x), 2)
+    eng = EarlyExitEngine(model, criterion="patience", patience=2, compile={"backend": "aot_eager"},
+                          buckets=buckets)
+    for rows in (257, 100):  # a second batch size: the state is the call's own
+        res = eng(x[:rows])
+        assert res.exit.tolist() == [e for e, _ in want[:rows]]
+        assert res.pred.tolist() == [p for _, p in want[:rows]]
+    assert len(set(res.exit.tolist())) > 2
+
+
+def test_patience_never_takes_a_nan_row_early():
+    model = random_mlp(seed=3, num_exits=6, classes=3)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    x[5, 3] = float("nan")  # NaN logits at every exit
+    res = EarlyExitEngine(model, criterion="patience", patience=1)(x)
+    with torch.no_grad():
+        want = patience_rule(model(x), 1)
+    assert res.exit.tolist() == [e for e, _ in want]
+    assert int(res.exit[5]) == 5 and int((res.exit < 5).sum()) > 10
+
+
 def test_patience_on_a_state_of_several_tensors():
     model = tuple_model(n=4, c=2)
     x = inputs(31)

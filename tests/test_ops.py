@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from branchynet import EarlyExitEngine, ops, testing
-from branchynet.config import CRITERIA
+from branchynet.config import CRITERIA, OP_CRITERIA, PATIENCE_ID
 from branchynet.exits import entropy, exit_scores
 from branchynet.models.registry import build_model
 from branchynet.ops import _backends, _library, _verify, available_backends, exit_step, gather_rows
@@ -122,6 +122,12 @@ def _buffers(b, c, dtype=torch.float32):
     (dict(out=_buffers(3, 4, torch.float64)), TypeError, "out_logits dtype"),
     (dict(criterion="confidence"), ValueError, "criterion"),
     (dict(backend="fast"), ValueError, "backend"),
+    (dict(criterion="patience"), ValueError, "criterion='patience' needs patience_state"),
+    (dict(criterion="patience", state=torch.zeros(3, 2)), ValueError, r"patience_state must be int64 of shape \[3, 2\]"),
+    (dict(criterion="patience", state=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "patience_state must be"),
+    (dict(criterion="patience", state=torch.zeros(2, 3, dtype=torch.int64).t()), ValueError, "contiguous"),
+    (dict(criterion="patience", state=[[0, 0]] * 3), TypeError, "patience_state must be a torch.Tensor"),
+    (dict(state=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "only for criterion='patience'"),
 ])
 def test_bad_arguments(kwargs, err, msg):
     logits = kwargs.get("logits", torch.zeros(3, 4))
@@ -129,7 +135,8 @@ def test_bad_arguments(kwargs, err, msg):
     out = kwargs.get("out", _buffers(3, logits.shape[1] if logits.dim() == 2 else 4))
     with pytest.raises(err, match=msg):
         exit_step(logits, rows, kwargs.get("threshold", 0.5), 0, *out,
-                  criterion=kwargs.get("criterion", "entropy"), backend=kwargs.get("backend", "torch"))
+                  criterion=kwargs.get("criterion", "entropy"), backend=kwargs.get("backend", "torch"),
+                  patience_state=kwargs.get("state"))
 
 
 def test_tensor_threshold_and_gather_checks():
@@ -209,8 +216,12 @@ def test_the_compiled_op_rejects_bad_arguments():
         op(logits, rows.int(), 0.5, 0, *bufs, 0, False)
     with pytest.raises(RuntimeError, match="out of range"):
         op(logits, torch.tensor([0, 1, 2, 4]), 0.5, 0, *bufs, 0, False)
-    with pytest.raises(RuntimeError, match="criterion"):
+    with pytest.raises(RuntimeError, match="criterion must be 0, 1, 2 or 3"):
+        op(logits, rows, 0.5, 0, *bufs, 4, False)
+    with pytest.raises(RuntimeError, match="criterion 3 .patience. needs patience_state"):
         op(logits, rows, 0.5, 0, *bufs, 3, False)
+    with pytest.raises(RuntimeError, match="patience_state must be contiguous"):
+        op(logits, rows, 0.5, 0, *bufs, 3, False, torch.zeros(2, 4, dtype=torch.int64).t())
     with pytest.raises(RuntimeError, match="out_logits"):
         op(logits, rows, 0.5, 0, bufs[0].half(), *bufs[1:], 0, False)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -221,7 +232,7 @@ def test_the_compiled_op_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("criterion", [0, 1, 2], ids=list(CRITERIA))
+@pytest.mark.parametrize("criterion", [0, 1, 2, 3], ids=list(OP_CRITERIA))
 @pytest.mark.parametrize("c", CLASSES, ids=lambda c: f"C{c}")
 @pytest.mark.parametrize("k", BATCHES, ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=testing.dtype_name)
@@ -238,10 +249,10 @@ def test_exit_step_matches_reference(device, backend, dtype, k, c, criterion):
     # Small batches: every pattern; large ones the split and the last exit (time).
     for name, t, last in testing.exit_patterns(logits, criterion, full=k <= 7):
         n = _check(device, backend, logits, rows, b, t, criterion, 2, last, against_float64=True)
-        if name == "mixed" and k >= 7 and c > 1 and criterion == 0:
+        if name == "mixed" and k >= 7 and (c > 1 and criterion == 0 or criterion == PATIENCE_ID):
             assert 0 < n < k, "the threshold should split the batch"
-        if name == "mixed" and c == 1:  # one class: p = 1, every score 0 < T, every row leaves
-            assert n == 0
+        if name == "mixed" and c == 1 and criterion != PATIENCE_ID:
+            assert n == 0  # one class: p = 1, every score 0 < T, every row leaves
         if name == "none leave":
             assert n == k
         if name == "all leave":
@@ -270,8 +281,42 @@ def test_public_op_splits_a_batch_with_every_criterion(device, backend, criterio
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_patience_through_the_exits_is_pabees_rule(device, backend, patience):
+    # The op at every exit with the survivors compacted between exits, as the engine
+    # runs it, against PABEE's rule written from every exit's logits at once
+    # (testing.patience_rule). Few classes and logits that often agree, so every exit
+    # gets leavers; a NaN row never leaves early (row 0 has one at exit 1, row 1 at all).
+    b, c, exits = 300, 3, 5
+    g = torch.Generator().manual_seed(patience)
+    base = torch.randn(b, c, generator=g) * 2
+    logits = [base + torch.randn(b, c, generator=g) * 0.8 * (n + 1) for n in range(exits)]
+    logits[1][0, 1] = float("nan")
+    for z in logits:
+        z[1, 0] = float("nan")
+    want = testing.patience_rule(logits, patience)
+    logits = [z.to(device) for z in logits]
+    step = _impl(device, backend)[0]
+    out = list(poisoned_buffers(b, c, torch.float32, device))
+    state = ops.new_patience_state(b, device)
+    rows, local = torch.arange(b, device=device), torch.arange(b, device=device)
+    for n, z in enumerate(logits):
+        z = z[rows]  # this exit's logits for the rows still in flight
+        surv, s_rows, count = step(z, rows, float(patience), n, *out, PATIENCE_ID, n == exits - 1, state)
+        k = int(count)
+        rows = s_rows[:k]
+        if k == 0:
+            break
+    got = list(zip(out[2].tolist(), out[1].tolist()))
+    assert got == want
+    exits_taken = sorted({e for e, _ in want})
+    assert exits_taken[0] == patience and len(exits_taken) >= 2, exits_taken
+    assert want[0][0] != 1 and want[1][0] == exits - 1  # the NaN rows
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("last", [False, True], ids=["side", "last"])
-@pytest.mark.parametrize("criterion", [0, 1, 2], ids=list(CRITERIA))
+@pytest.mark.parametrize("criterion", [0, 1, 2, 3], ids=list(OP_CRITERIA))
 @pytest.mark.parametrize("c", CLASSES, ids=lambda c: f"C{c}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=testing.dtype_name)
 def test_exit_step_special_logits(device, backend, dtype, c, criterion, last):
@@ -442,7 +487,7 @@ def _chunked(monkeypatch):
 
 
 @pytest.mark.parametrize("device,backend", TRITON)
-@pytest.mark.parametrize("criterion", [0, 1, 2], ids=list(CRITERIA))
+@pytest.mark.parametrize("criterion", [0, 1, 2, 3], ids=list(OP_CRITERIA))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=testing.dtype_name)
 def test_triton_chunked_kernel(device, backend, dtype, criterion, monkeypatch):
     # The last chunk partial; the max, ties, NaN and +inf placed in different chunks.
@@ -551,7 +596,7 @@ def test_compiled_gather_and_its_fake_agree(device, m):
 
 
 @pytest.mark.parametrize("device", EXT_DEVICES)
-@pytest.mark.parametrize("criterion", [0, 1, 2], ids=list(CRITERIA))
+@pytest.mark.parametrize("criterion", [0, 1, 2, 3], ids=list(OP_CRITERIA))
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_compiled_exit_step_matches_reference(device, criterion, layout):
     # The dispatcher op itself, as the engine calls it: strided logits (every other
@@ -573,13 +618,14 @@ def _opcheck_exit_step_args(device, criterion, last):
     k, c, b = 37, 10, 40
     logits = testing.sample_logits(k, c, torch.float32, device, seed=7)
     rows = testing.sample_rows(k, b, device, seed=7)
+    state = (testing.patience_sample_state(logits, rows, b, seed=7).to(device),) if criterion == PATIENCE_ID else ()
     return (logits, rows, testing.gap_threshold(logits, criterion), 1,
-            *poisoned_buffers(b, c, torch.float32, device), criterion, last)
+            *poisoned_buffers(b, c, torch.float32, device), criterion, last, *state)
 
 
 @pytest.mark.parametrize("device", EXT_DEVICES)
 @pytest.mark.parametrize("last", [False, True], ids=["side", "last"])
-@pytest.mark.parametrize("criterion", [0, 2], ids=["entropy", "margin"])
+@pytest.mark.parametrize("criterion", [0, 2, 3], ids=["entropy", "margin", "patience"])
 def test_opcheck_exit_step(device, criterion, last):
     torch.library.opcheck(torch.ops.branchynet.exit_step.default,
                           _opcheck_exit_step_args(device, criterion, last))
@@ -799,7 +845,7 @@ def _direct_buffers(b, c, dtype):
 
 @needs_direct
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("criterion", [0, 1, 2])
+@pytest.mark.parametrize("criterion", [0, 1, 2, 3])
 @pytest.mark.parametrize("last", [False, True])
 def test_direct_with_buffers_matches_reference(dtype, criterion, last):
     g = torch.Generator().manual_seed(7 + criterion)
@@ -807,9 +853,17 @@ def test_direct_with_buffers_matches_reference(dtype, criterion, last):
     logits = (torch.randn(k, c, generator=g) * 3).to(dtype)
     rows = torch.randperm(b, generator=g)[:k]
     ref_bufs, bufs = _direct_buffers(b, c, dtype), _direct_buffers(b, c, dtype)
-    t = _median_score(logits, criterion)
-    ref = exit_step_torch(logits, rows, t, 2, *ref_bufs, criterion=criterion, last=last)
-    survivors, survivor_rows, n = _C.exit_step_direct(logits, rows, t, 2, *bufs, criterion, last)
+    state = ()
+    if criterion == PATIENCE_ID:
+        start = testing.patience_sample_state(logits, rows, b, seed=7)
+        ref_bufs, bufs, state = (*ref_bufs, start.clone()), (*bufs, start.clone()), (start,)
+        t = 2.0
+    else:
+        t = _median_score(logits, criterion)
+    ref = exit_step_torch(logits, rows, t, 2, *ref_bufs[:4], criterion, last, *ref_bufs[4:])
+    survivors, survivor_rows, n = _C.exit_step_direct(logits, rows, t, 2, *bufs[:4], criterion, last, *bufs[4:])
+    if state:
+        assert torch.equal(bufs[4], ref_bufs[4]) and not torch.equal(bufs[4], state[0])
     assert isinstance(n, int) and n == int(ref[2])
     if not last:
         assert 0 < n < k, "the threshold should split the batch"
@@ -845,8 +899,16 @@ def test_direct_rejects_bad_arguments():
         d(logits, rows.int(), 0.5, 0, *bufs, 0, False)
     with pytest.raises(RuntimeError, match="out of range"):
         d(logits, torch.tensor([0, 1, 2, 4]), 0.5, 0, *bufs, 0, False)
-    with pytest.raises(RuntimeError, match="criterion must be 0, 1 or 2"):
-        d(logits, rows, 0.5, 0, *NONE, 3, False)
+    with pytest.raises(RuntimeError, match="criterion must be 0, 1, 2 or 3"):
+        d(logits, rows, 0.5, 0, *NONE, 4, False)
+    with pytest.raises(RuntimeError, match="needs patience_state"):
+        d(logits, rows, 0.5, 0, *bufs, 3, False)
+    with pytest.raises(RuntimeError, match="patience_state is only for criterion 3"):
+        d(logits, rows, 0.5, 0, *bufs, 0, False, torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"patience_state must be int64 \[4, 2\]"):
+        d(logits, rows, 0.5, 0, *bufs, 3, False, torch.zeros(4, 2))
+    with pytest.raises(TypeError, match="patience_state must be a tensor or None"):
+        d(logits, rows, 0.5, 0, *bufs, 3, False, [[0, 0]] * 4)
     with pytest.raises(RuntimeError, match="out_logits must be"):
         d(logits, rows, 0.5, 0, bufs[0].half(), *bufs[1:], 0, False)
     with pytest.raises(RuntimeError, match=r"logits must be \[K, C\]"):

@@ -33,8 +33,9 @@ def _check_rows(rows, backend, models):
         assert r.ok, (r.check, r.failures[:3])
         assert r.device == "cpu" and r.cases > 0
     ex = {r.check: r for r in rows if r.backend == backend}
-    # 3 class counts x 4 batches x 3 criteria x 4 exit patterns; strided: K > 0 only.
-    assert ex["exit_step float32"].cases == 144 and ex["exit_step float32 strided out"].cases == 108
+    # 3 class counts x 4 batches x 4 criteria (patience too) x 4 exit patterns; strided:
+    # K > 0 only.
+    assert ex["exit_step float32"].cases == 192 and ex["exit_step float32 strided out"].cases == 144
     assert ex["engine b_lenet"].cases == 16  # one case per sample
     if "b_resnet110" in models:
         assert ex["engine b_resnet110"].cases == 3

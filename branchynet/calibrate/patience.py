@@ -17,12 +17,14 @@ from .exit_table import ExitTable
 __all__ = ["PatienceChoice", "choose_patience", "patience_exits"]
 
 
-def patience_exits(pred: torch.Tensor, patience: int) -> torch.Tensor:
+def patience_exits(pred: torch.Tensor, patience: int, score: torch.Tensor | None = None) -> torch.Tensor:
     """The exit each sample takes under the patience rule.
 
     Args:
         pred: [N, M] every exit's prediction for M samples.
         patience: P >= 1.
+        score: [N, M] every exit's score (any criterion's): where it is NaN (the exit's
+            logits hold a NaN or +inf) the sample does not leave there, as in the op.
 
     Returns:
         [M] int64 exit indices (0-based).
@@ -34,6 +36,8 @@ def patience_exits(pred: torch.Tensor, patience: int) -> torch.Tensor:
     for n in range(1, n_exits - 1):
         streak = torch.where(pred[n] == pred[n - 1], streak + 1, 0)
         now = (streak >= patience) & ~left
+        if score is not None:
+            now &= ~torch.isnan(score[n])
         exit_at[now] = n
         left |= now
     return exit_at
@@ -81,7 +85,7 @@ def choose_patience(table: ExitTable, *, max_drop: float = 0.01, costs=None) -> 
     floor = float((table.pred[-1] == table.target).float().mean()) - max_drop
     rows = []
     for p in range(1, n_exits - 1):
-        exits = patience_exits(table.pred, p)
+        exits = patience_exits(table.pred, p, table.score)
         got = table.pred[exits, torch.arange(m)]
         acc = float((got == table.target).float().mean())
         counts = torch.bincount(exits, minlength=n_exits)

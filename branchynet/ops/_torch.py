@@ -142,6 +142,8 @@ def exit_step_torch(
     patience_state: torch.Tensor | None = None,
 ):
     """See :func:`branchynet.ops.exit_step` for the contract (criterion as its id)."""
+    if criterion not in (0, 1, 2, PATIENCE_ID):
+        raise ValueError(f"exit_step: criterion must be 0, 1, 2 or 3, got {criterion}")
     if (patience_state is not None) != (criterion == PATIENCE_ID):
         raise ValueError("exit_step: patience_state is given exactly with criterion 3 (patience)")
     args = (logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy, criterion, last,

@@ -81,7 +81,7 @@ def passes(backend: str, device: torch.device) -> bool:
 def quick_check(backend: str, device: torch.device) -> str | None:
     """One pass of the backend against the reference: None, or the failed check."""
     from .. import testing
-    from ..config import CRITERIA
+    from ..config import OP_CRITERIA, PATIENCE_ID
     from . import _backends
 
     try:
@@ -90,7 +90,7 @@ def quick_check(backend: str, device: torch.device) -> str | None:
         step, gather = _backends.implementation(backend)
         logits = testing.sample_logits(_K, _C, torch.float32, device, seed=1000 + _C, special=True)
         rows = testing.sample_rows(_K, _B, device, seed=0)
-        for crit, name in enumerate(CRITERIA):
+        for crit, name in enumerate(OP_CRITERIA):
             t = testing.gap_threshold(logits, crit)
             for last in (False, True):
                 failure = testing.compare_exit_step(step, logits, rows, _B, t, crit, 1, last).failure
@@ -103,9 +103,10 @@ def quick_check(backend: str, device: torch.device) -> str | None:
             return f"gather_rows, {_K // 2} of {_K} channels_last rows: {failure}"
         # The engine's entry: the bound op (for cpp, the extension's own, beside the op).
         bound = _backends.bound(backend, torch.device(device))
-        failure = testing.compare_bound(bound.step, logits, 0, testing.gap_threshold(logits, 0))
-        if failure is not None:
-            return f"the bound op (the engine's), two exits, {_K} x {_C} fp32: {failure}"
+        for crit in (0, PATIENCE_ID):
+            failure = testing.compare_bound(bound.step, logits, crit, testing.gap_threshold(logits, crit))
+            if failure is not None:
+                return f"the bound op (the engine's), two exits, {OP_CRITERIA[crit]}, {_K} x {_C} fp32: {failure}"
     except Exception as err:  # a kernel that cannot run is as unusable as a wrong one
         return f"raised {type(err).__name__}: {err}"
     return None
