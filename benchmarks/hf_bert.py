@@ -10,6 +10,12 @@ times, median and min-max over the rounds.
 
     OMP_NUM_THREADS=1 python benchmarks/hf_bert.py --out benchmarks/results/cpu-xeon-2core/hf
 
+``--gathers`` times instead what one fused gather of a state could save: the state after
+layer 1 (hidden states, token ids' mask, the extended attention mask) gathered tensor by
+tensor as the engine does, against its largest tensor alone (a fused gather moves the
+same bytes, so it saves at most the difference), against the next stage on the gathered
+rows; written to state_gather.md / .json.
+
 Needs transformers (``pip install branchynet[hf]``).
 """
 
@@ -82,9 +88,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128, help="pool size (a multiple of 64)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None, help="folder for hf_bert.json / hf_bert.md")
+    p.add_argument("--gathers", action="store_true", help="time the state's gathers instead (state_gather.*)")
     args = p.parse_args()
     torch.set_num_threads(1)
     hf, net = build()
+    if args.gathers:
+        return gathers(net, args)
     pool = pool_inputs(args.samples, seed=7)
     th = profile_thresholds(net, pool)
     eng = bn.EarlyExitEngine(net, th)
@@ -112,15 +121,7 @@ def main() -> None:
             ratios = [x / y for x, y in zip(t["b"], t["a"])]
             rows[f"{profile} B={b}"] = {"engine": e, "model": m, "speedup_median": statistics.median(ratios),
                                         "speedup_min": min(ratios), "speedup_max": max(ratios)}
-    meta = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/hf_bert.py " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=HERE).stdout.strip(),
-        "torch": torch.__version__, "transformers": import_transformers().__version__,
-        "cpu": cpu_name(), "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "thresholds": th, "exit_counts": counts, "samples": args.samples, "rounds": args.rounds,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    meta = dict(_meta(args), thresholds=th, exit_counts=counts, samples=args.samples, rounds=args.rounds)
     result = {"meta": meta, "rows": rows}
     text = _markdown(result)
     print(text)
@@ -130,6 +131,77 @@ def main() -> None:
         (out / "hf_bert.json").write_text(json.dumps(result, indent=2))
         (out / "hf_bert.md").write_text(text)
 
+
+
+@torch.inference_mode()
+def gathers(net, args) -> None:
+    """The state's gathers at the survivor counts of the 50/25/25 profile (1 of a B = 1
+    call, 32 of B = 64), median (min-max) over ``20 x rounds`` calls each."""
+    from branchynet.ops import bind
+    from branchynet.state import gather_state, state_input
+
+    op = bind("cpu")
+    h = net.stages[0](state_input(None, pool_inputs(B_BIG, seed=7)))
+    tensors = [t for t in (h.values() if isinstance(h, dict) else h) if isinstance(t, torch.Tensor)]
+    largest = max(tensors, key=lambda t: t.numel() * t.element_size())
+
+    def med(fn, n):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e6)
+        return {"median_us": statistics.median(ts), "min": min(ts), "max": max(ts)}
+
+    rows = {}
+    for k in (1, 32):
+        idx = torch.arange(k)
+        g = gather_state(op.gather, h, idx)
+        rows[f"K={k}"] = {"state": med(lambda: gather_state(op.gather, h, idx), 20 * args.rounds),
+                          "largest": med(lambda: op.gather(largest, idx), 20 * args.rounds),
+                          "next_stage": med(lambda: net.stages[1](g), args.rounds)}
+    meta = _meta(args)
+    meta["state"] = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensors]
+    result = {"meta": meta, "rows": rows}
+    lines = [
+        "# The gathers of a Transformer state: what one fused gather could save",
+        "",
+        f"The state after layer 1 of the 4-layer BERT of hf_bert.md: {', '.join(meta['state'])}; its rows "
+        f"gathered tensor by tensor (the engine's `gather_state`, {len(tensors)} calls of the exit op's gather) "
+        "against its largest tensor alone (a fused gather moves the same bytes: it saves at most the "
+        "difference) and the next stage on the gathered rows.",
+        f"Commit {meta['commit']}, torch {meta['torch']}, {meta['cpu']}, {meta['threads']} thread, "
+        f"{meta['date']}; median (min-max) us.",
+        "",
+        f"```bash\n{meta['command']}\n```",
+        "",
+        "| rows gathered | whole state | largest tensor alone | at most saved, % of the next stage | next stage |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for k, r in rows.items():
+        s, lg, ns = r["state"], r["largest"], r["next_stage"]
+        saved = 100 * (s["median_us"] - lg["median_us"]) / ns["median_us"]
+        lines.append(f"| {k} | {s['median_us']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | "
+                     f"{lg['median_us']:.1f} ({lg['min']:.1f}-{lg['max']:.1f}) | {saved:.2f} % | "
+                     f"{ns['median_us']:.0f} ({ns['min']:.0f}-{ns['max']:.0f}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "state_gather.json").write_text(json.dumps(result, indent=2))
+        (out / "state_gather.md").write_text(text)
+
+
+def _meta(args) -> dict:
+    return {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/hf_bert.py " + " ".join(sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=HERE).stdout.strip(),
+        "torch": torch.__version__, "transformers": import_transformers().__version__,
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def _markdown(r: dict) -> str:
