@@ -3,7 +3,7 @@ imports this module as ``check``).
 
 They check what can be checked from the flags alone (names, devices, where the results
 go) while parsing, so a typo is an argparse error line and exit status 2 before a data
-set is loaded or an epoch run. Each returns its text unchanged.
+set is loaded or an epoch run. Each returns its text unchanged (`int_at_least`: the int).
 """
 
 from __future__ import annotations
@@ -11,6 +11,19 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+
+def int_at_least(low: int):
+    """An integer >= ``low`` (returned as an int)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+    return parse
 
 
 def dataset(text: str) -> str:

@@ -20,18 +20,7 @@ from .tables import markdown_table
 MODEL_CHOICES = ("b-lenet", "b-alexnet", "b-resnet110")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
-        return v
-    return parse
-
-
+_int_at_least = check.int_at_least
 _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 

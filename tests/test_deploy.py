@@ -321,6 +321,45 @@ def test_cli_export_of_a_checkpoint(tmp_path):
     _assert_same(vars(load(tmp_path / "art")(x)), load_engine(ckpt)(x), "cli")
     with pytest.raises(SystemExit):
         main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "b"), "--aoti"])
+    assert main(["export", str(ckpt), "--format", "pt2", "--out", str(tmp_path / "p"), "--quiet",
+                 "--patience", "1"]) == 0
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["criterion"] == "patience" and manifest["patience"] == 1
+    with pytest.raises(SystemExit) as err:
+        main(["export", str(ckpt), "--format", "pt2", "--out", str(tmp_path / "q"), "--patience", "0"])
+    assert err.value.code == 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_patience_export_decides_as_the_engine(fmt, tmp_path):
+    # PABEE in an export: the graphs give prediction and entropy, the runner keeps each
+    # row's streak (the exit op for pt2, numpy for ONNX); P can be changed on the runner.
+    from branchynet.testing import patience_rule
+
+    model = random_mlp(seed=3, num_exits=6, classes=3)
+    x = torch.randn(257, 12, generator=torch.Generator().manual_seed(0))
+    x[5, 3] = float("nan")  # a NaN row never leaves early
+    export(model, tmp_path / "p", fmt, criterion="patience", patience=2, progress=False)
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["patience"] == 2
+    runner = load(tmp_path / "p")
+    with torch.no_grad():
+        exits = model(x)
+    for p in (2, 1):
+        runner.patience = p
+        got = runner(x)
+        want = patience_rule(exits, p)
+        assert got.exit.tolist() == [e for e, _ in want] and got.pred.tolist() == [q for _, q in want]
+        eng = EarlyExitEngine(model, criterion="patience", patience=p)(x)
+        assert got.counts == eng.counts
+        # ONNX Runtime's kernels are not torch's: logits agree to ~1e-4 of their scale (_assert_same).
+        torch.testing.assert_close(got.logits, eng.logits, rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(got.entropy, eng.entropy, rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert len(set(got.exit.tolist())) > 2 and int(got.exit[5]) == 5
+    assert runner(x[:0]).exit.shape == (0,)
+    with pytest.raises(ValueError, match="patience must be an int >= 1"):
+        runner.patience = 0
+    with pytest.raises(ValueError, match="patience must be an int >= 1"):
+        export(model, tmp_path / "q", fmt, criterion="patience", progress=False)
 
 
 @pytest.fixture(scope="module")

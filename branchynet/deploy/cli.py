@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._cli_args import int_at_least
+
 
 def add_export(sub) -> None:
     """Register ``branchynet export`` on the CLI's subparsers."""
@@ -18,6 +20,9 @@ def add_export(sub) -> None:
     e.add_argument("--device", default="cpu", help="export from (and with --aoti compile for) this device")
     e.add_argument("--aoti", action="store_true", help="with --format pt2: AOTInductor packages (slow to build)")
     e.add_argument("--max-batch", type=int, default=1024, help="the largest batch the graphs accept")
+    e.add_argument("--patience", type=int_at_least(1), default=None,
+                   help="export PABEE's patience rule with this P (agreeing exits in a row) instead of "
+                        "the checkpoint's thresholds")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_export)
 
@@ -29,9 +34,10 @@ def run_export(args: argparse.Namespace) -> None:
     if args.aoti and args.format != "pt2":
         raise SystemExit("error: --aoti needs --format pt2")
     model = load_checkpoint(args.checkpoint, map_location=args.device)
+    rule = {} if args.patience is None else {"criterion": "patience", "patience": args.patience}
     try:
         path = export(model, args.out, args.format, device=args.device, opset=args.opset, aoti=args.aoti,
-                      max_batch=args.max_batch, progress=not args.quiet)
+                      max_batch=args.max_batch, progress=not args.quiet, **rule)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -33,7 +33,7 @@ class ExportError(ValueError):
 def export(model, out: str | Path, format: str = "onnx", *, thresholds: Sequence[float] | None = None,
            criterion: str | None = None, device: str | torch.device | None = None, opset: int | None = None,
            aoti: bool = False, example_input: torch.Tensor | None = None, max_batch: int = 1024,
-           progress: bool = True) -> Path:
+           progress: bool = True, patience: int | None = None) -> Path:
     """Write one graph per exit and ``manifest.json`` to ``out``.
 
     Args:
@@ -45,7 +45,9 @@ def export(model, out: str | Path, format: str = "onnx", *, thresholds: Sequence
             programs, or with ``aoti`` AOTInductor packages compiled for ``device``).
         thresholds, criterion: the exit rule written to the manifest (default: the
             model's ``exit_config``); thresholds can be changed on the runner later, the
-            criterion is in the graphs.
+            criterion is in the graphs. ``criterion="patience"`` (PABEE) with
+            ``patience=P``: the graphs give the prediction and entropy, the runner keeps
+            each row's streak (P can be changed on the runner too).
         device: where the model is exported from (and, for ``aoti``, compiled for);
             default: the model's device.
         opset: ONNX opset version (default: the exporter's).
@@ -67,7 +69,7 @@ def export(model, out: str | Path, format: str = "onnx", *, thresholds: Sequence
         raise ExportError("aoti=True compiles torch.export programs: use it with format='pt2'")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
         raise ExportError(f"max_batch must be an int >= 2, got {max_batch!r}")
-    engine = EarlyExitEngine(model, thresholds=thresholds, criterion=criterion)
+    engine = EarlyExitEngine(model, thresholds=thresholds, criterion=criterion, patience=patience)
     if device is not None:
         model.to(device)
     x = _example(model, example_input)
@@ -126,7 +128,9 @@ def _exit_graphs(model, engine, x: torch.Tensor):
     for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
         state = flatten_state(h, f"the input of stage {n}")
         packed = None if isinstance(h, torch.Tensor) else len(state)
-        graphs.append(ExitGraph(stage, branch, engine._cid, n == last, packed).eval())
+        # Patience has no score: its graphs return the entropy's (what the op writes).
+        cid = 0 if engine.criterion == "patience" else engine._cid
+        graphs.append(ExitGraph(stage, branch, cid, n == last, packed).eval())
         states.append(state)
         h = stage(h)
         z = branch(h)
@@ -182,6 +186,7 @@ def _body(model, engine, x, graphs, states, files, format, aoti, opset, max_batc
         "num_exits": model.num_exits,
         "criterion": engine.criterion,
         "thresholds": list(engine.thresholds),
+        "patience": engine.patience if engine.criterion == "patience" else None,
         "num_classes": int(z.shape[1]),
         "logits_dtype": str(z.dtype).removeprefix("torch."),
         "input": {"shape": list(x.shape[1:]), "dtype": str(x.dtype).removeprefix("torch."),

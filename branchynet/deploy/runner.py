@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..config import check_thresholds, criterion_id
+from ..config import PATIENCE_ID, check_thresholds, criterion_id
+from ..patience import check_patience
 from ..engine import ExitResult, _inference_mode
 from .manifest import ManifestError, read_manifest
 
@@ -67,6 +68,7 @@ class Runner:
         manifest: the checked manifest (dict).
         num_exits, criterion, input_shape, dtype, max_batch: from the manifest.
         thresholds: ``T_1 .. T_{N-1}``; settable (the graphs do not hold them).
+        patience: P of the patience criterion (None under the others); settable.
 
     A runtime subclass supplies what the loop calls: ``_input`` (checked input),
     ``_outputs`` / ``_result`` (the four output buffers of B rows, and the result made
@@ -80,7 +82,10 @@ class Runner:
         try:
             self.num_exits = int(manifest["num_exits"])
             self.criterion = manifest["criterion"]
-            self._cid = criterion_id(self.criterion)
+            self._cid = criterion_id(self.criterion, patience=True)
+            self._patience = None
+            if self._cid == PATIENCE_ID:
+                self.patience = manifest.get("patience")
             self.input_shape = tuple(manifest["input"]["shape"])
             self.dtype = getattr(torch, manifest["input"]["dtype"])
             self.max_batch = int(manifest["input"]["max_batch"])
@@ -94,6 +99,22 @@ class Runner:
         if len(self._exits) != self.num_exits:
             raise ManifestError(f"{root / 'manifest.json'}: {len(self._exits)} exits listed, num_exits "
                                 f"= {self.num_exits}")
+
+    @property
+    def patience(self) -> int | None:
+        return self._patience
+
+    @patience.setter
+    def patience(self, value: int) -> None:
+        if self._cid != PATIENCE_ID:
+            raise ValueError(f"patience is for the patience criterion; this export's is {self.criterion!r}")
+        self._patience = check_patience(value)
+
+    def _threshold(self, n: int, last: bool) -> float:
+        """Exit n's threshold for the exit rule: P under the patience criterion."""
+        if last:
+            return 0.0
+        return float(self._patience) if self._cid == PATIENCE_ID else self._thresholds[n]
 
     @property
     def thresholds(self) -> tuple:
@@ -183,8 +204,11 @@ class _OnnxRunner(Runner):
 
     def _outputs(self, b: int) -> list:
         logits_np = torch.empty(0, dtype=self.logits_dtype).numpy().dtype
-        return [np.empty((b, self.num_classes), logits_np), np.empty(b, np.int64), np.empty(b, np.int64),
-                np.empty(b, np.float32)]
+        out = [np.empty((b, self.num_classes), logits_np), np.empty(b, np.int64), np.empty(b, np.int64),
+               np.empty(b, np.float32)]
+        if self._cid == PATIENCE_ID:
+            out.append(np.empty((b, 2), np.int64))
+        return out
 
     def _arange(self, b: int):
         return np.arange(b)
@@ -193,7 +217,14 @@ class _OnnxRunner(Runner):
         return self._sessions[n].run(None, dict(zip(self._inputs[n], state)))
 
     def _exit(self, n, z, score, entropy, pred, rows, out, last):
-        if last:
+        if self._cid == PATIENCE_ID:
+            # The exit op's patience rule: each original row's (previous prediction,
+            # streak) in out[4], not read at exit 0; a NaN row never leaves early.
+            state = out[4]
+            streak = np.zeros_like(pred) if n == 0 else np.where(pred == state[rows, 0], state[rows, 1] + 1, 0)
+            state[rows, 0], state[rows, 1] = pred, streak
+            leave = np.ones(z.shape[0], dtype=bool) if last else (streak >= self._patience) & ~np.isnan(entropy)
+        elif last:
             leave = np.ones(z.shape[0], dtype=bool)
         else:
             # The engine's rule: the score against the threshold rounded to the score's
@@ -278,7 +309,7 @@ class _TorchRunner(Runner):
         return self._graphs[n](*state)
 
     def _exit(self, n, z, score, entropy, pred, rows, out, last):
-        return self._op.step(z, rows, 0.0 if last else self.thresholds[n], n, out, self._cid, last)
+        return self._op.step(z, rows, self._threshold(n, last), n, out, self._cid, last)
 
     def _gather(self, state, index):
         return [self._op.gather(s, index) for s in state]
