@@ -243,6 +243,24 @@ def test_a_criterion_other_than_entropy_answers_as_the_engine_does():
     assert 0 < sum(r.exit == 0 for r in answers) < len(answers), "margin 0.3 should split"
 
 
+@pytest.mark.parametrize("rebatch", [True, False], ids=["rebatch", "per-batch"])
+def test_patience_answers_as_pabees_rule(rebatch):
+    # Each request's streak is carried from its run at one stage to its run at the next,
+    # whichever rows it is batched with there.
+    model = mlp(seed=3, num_exits=6, classes=3)
+    x = samples(200, seed=6)
+    with torch.no_grad():
+        want = testing.patience_rule(model(x), 2)
+    with serve(model, criterion="patience", patience=2, max_batch_size=16, max_wait_ms=1.0,
+               rebatch=rebatch) as server:
+        answers = results(submit_from_threads(server, x))
+    assert [(r.exit, r.pred) for r in answers] == want
+    assert len({r.exit for r in answers}) > 2
+    # The score is the streak the sample left on (P or more at a side exit).
+    assert all(r.score >= 2 for r in answers if r.exit < 5)
+    assert all(r.score == int(r.score) >= 0 for r in answers)
+
+
 def test_a_plain_module_is_one_stage_without_side_exit():
     g = torch.Generator().manual_seed(7)
     module = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)).double().eval()

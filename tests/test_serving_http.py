@@ -323,6 +323,28 @@ def test_serve_command_errors(tmp_path, capsys):
     assert "--max-body-mb" in capsys.readouterr().err
 
 
+def test_serve_patience_flag_reaches_the_exit_server(case, monkeypatch, capsys):
+    from branchynet.cli import main
+    from branchynet.serving import server as server_module
+
+    made = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(model, **kwargs):
+        made.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(server_module, "ExitServer", fake)
+    with pytest.raises(Stop):
+        main(["serve", str(case["path"]), "--port", "0", "--patience", "2"])
+    assert made["criterion"] == "patience" and made["patience"] == 2
+    with pytest.raises(SystemExit):  # argparse: P >= 1
+        main(["serve", str(case["path"]), "--patience", "0"])
+    assert "--patience" in capsys.readouterr().err
+
+
 # --- the real process ---------------------------------------------------------------------
 
 

@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
                    help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", default="auto", help="exit-op backend: auto, cuda, triton, cpp, torch")
+    s.add_argument("--patience", type=_positive_int, default=None,
+                   help="PABEE's patience rule with this P (agreeing exits in a row) instead of the "
+                        "checkpoint's thresholds")
     s.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     r = s.add_argument_group("Ray Serve (pip install 'branchynet[ray]')")
@@ -83,11 +86,12 @@ def _serve_http(args) -> None:
             from None
     from ..checkpoint import build_from_checkpoint, read_checkpoint
     from .http import create_app
+    from .ray import _rule  # the replicas' rule too; ray.py imports Ray only when a deployment is made
     from .server import ExitServer
 
     model = build_from_checkpoint(read_checkpoint(args.checkpoint, map_location=args.device), args.checkpoint)
     server = ExitServer(model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                        max_queued=args.max_queued, backend=args.backend)
+                        max_queued=args.max_queued, backend=args.backend, **_rule(args.patience))
     try:
         try:
             app = create_app(server, model.input_shape, dtype=next(model.parameters()).dtype,
@@ -178,7 +182,7 @@ def _serve_ray(args) -> None:
         app = deployment(args.checkpoint, device=args.device, max_batch_size=args.max_batch_size,
                          max_wait_ms=args.max_wait_ms, max_queued=args.max_queued, max_body_mb=args.max_body_mb,
                          api_key=args.api_key, backend=args.backend, threads=args.threads or None,
-                         num_replicas=args.replicas, ray_actor_options=actor)
+                         num_replicas=args.replicas, ray_actor_options=actor, patience=args.patience)
         serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/")
         print(f"branchynet serve: {args.checkpoint} on http://{args.host}:{args.port} (Ray Serve, "
               f"{args.replicas} replica{'s' if args.replicas > 1 else ''})", flush=True)

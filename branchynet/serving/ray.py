@@ -54,7 +54,7 @@ def _replica_class():
             self.settings = settings
             self.server = ExitServer(self.model, max_batch_size=settings["max_batch_size"],
                                      max_wait_ms=settings["max_wait_ms"], max_queued=settings["max_queued"],
-                                     backend=settings["backend"])
+                                     backend=settings["backend"], **_rule(settings.get("patience")))
 
         def __serve_build_asgi_app__(self):
             from branchynet.serving.http import create_app
@@ -77,11 +77,16 @@ def _replica_class():
     return BranchyNetReplica
 
 
+def _rule(patience: int | None) -> dict:
+    """The ExitServer's exit rule: the checkpoint's thresholds, or patience P."""
+    return {} if patience is None else {"criterion": "patience", "patience": patience}
+
+
 def deployment(checkpoint, *, device: str = "cpu", max_batch_size: int = 256, max_wait_ms: float = 2.0,
                max_queued: int = 4096, max_body_mb: float = 16.0, api_key: str | None = None,
                backend: str = "auto", threads: int | None = None, num_replicas: int | str = 1,
                autoscaling_config: dict | None = None, ray_actor_options: dict | None = None,
-               name: str = DEPLOYMENT_NAME, **options):
+               name: str = DEPLOYMENT_NAME, patience: int | None = None, **options):
     """A Ray Serve application serving ``checkpoint``, to pass to ``serve.run`` or to
     compose into a larger application.
 
@@ -92,6 +97,7 @@ def deployment(checkpoint, *, device: str = "cpu", max_batch_size: int = 256, ma
             ``ray_actor_options={"num_gpus": 1}``: Ray gives each replica its own GPU).
         max_batch_size, max_wait_ms, max_queued, backend: each replica's
             :class:`~branchynet.serving.ExitServer`.
+        patience: serve PABEE's patience rule with this P instead of the thresholds.
         max_body_mb, api_key: as for :func:`~branchynet.serving.http.create_app`.
         threads: torch CPU threads per replica (default: the replica's ``num_cpus``).
         num_replicas: fixed replica count (ignored with ``autoscaling_config``).
@@ -107,7 +113,7 @@ def deployment(checkpoint, *, device: str = "cpu", max_batch_size: int = 256, ma
     actor = dict(ray_actor_options or {"num_cpus": 1})
     settings = {"device": device, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
                 "max_queued": max_queued, "max_body_mb": max_body_mb, "api_key": api_key, "backend": backend,
-                "threads": threads or max(1, int(actor.get("num_cpus", 1)))}
+                "threads": threads or max(1, int(actor.get("num_cpus", 1))), "patience": patience}
     # A replica's requests are its ExitServer's rows: let Serve send it as many at once as
     # its queue holds, or Serve's own limit (default 5) would starve the stage batches.
     options.setdefault("max_ongoing_requests", max_queued)

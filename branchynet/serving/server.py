@@ -48,7 +48,8 @@ class ExitAnswer:
     Attributes:
         pred: predicted class. exit: 0-based exit it left at.
         score: its score under the server's criterion at that exit (the entropy for
-            ``"entropy"``). entropy: the softmax entropy at that exit.
+            ``"entropy"``; for ``"patience"`` the streak of agreeing exits that ended
+            there). entropy: the softmax entropy at that exit.
         logits: [C] that exit's logits, on the CPU.
         latency_s: seconds from :meth:`ExitServer.submit` to the answer.
     """
@@ -62,10 +63,13 @@ class ExitAnswer:
 
 
 class _Request:
-    __slots__ = ("future", "t_submit", "deadline")
+    __slots__ = ("future", "t_submit", "deadline", "patience")
 
     def __init__(self, future: Future, t_submit: float, deadline: float | None):
         self.future, self.t_submit, self.deadline = future, t_submit, deadline
+        # Under the patience criterion: [previous exit's prediction, streak], carried
+        # from run to run (each run's exit-op buffers are its own).
+        self.patience = None
 
 
 def _settle(future: Future, result=None, error: BaseException | None = None) -> bool:
@@ -94,8 +98,9 @@ class ExitServer:
             through every stage at once (False).
         max_queued: most rows waiting in all queues; :meth:`submit` raises
             :class:`Overloaded` beyond it.
-        backend, compile, criterion: as for the engine (compiled stages with a dynamic
-            batch dimension).
+        backend, compile, criterion, patience: as for the engine (compiled stages with a
+            dynamic batch dimension; ``criterion="patience", patience=P`` for PABEE, each
+            request's streak carried from one stage's run to the next).
         record: keep the scheduling record (:meth:`record`).
 
     Example:
@@ -107,7 +112,7 @@ class ExitServer:
     def __init__(self, model: nn.Module, thresholds=None, *, max_batch_size: int = 256,
                  max_wait_ms: float = 2.0, rebatch: bool = True, max_queued: int = 4096,
                  backend: str = "auto", compile=False, criterion: str | None = None,
-                 record: bool = False) -> None:
+                 record: bool = False, patience: int | None = None) -> None:
         if isinstance(model, BranchyNet):
             net = model
         elif isinstance(model, nn.Module):
@@ -121,7 +126,7 @@ class ExitServer:
                 or not max_wait_ms >= 0 or math.isinf(max_wait_ms):
             raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
         self._engine = EarlyExitEngine(net, thresholds, backend=backend, criterion=criterion,
-                                       compile=compile, buckets=False if compile else None)
+                                       compile=compile, buckets=False if compile else None, patience=patience)
         p = next(net.parameters(), None)
         self._device = p.device if p is not None else torch.device("cpu")
         self._dtype = p.dtype if p is not None and p.is_floating_point() else None
@@ -129,7 +134,9 @@ class ExitServer:
         self._n = net.num_exits
         self._rebatch, self._max_queued = rebatch, max_queued
         self._compiled = bool(compile)
-        self._spec = None  # (C, logits dtype) for compiled stages, from the first stage-1 run
+        # (C, logits dtype): for compiled stages from the first stage-1 run, for patience
+        # from the first stage-1 run's outputs.
+        self._spec = None
         self._sched = Scheduler(self._n, max_batch_size, max_wait_ms / 1e3)
         # The rows' state per stage, in queue order (the scheduler's items are lists of
         # their requests, in the same order): a run reads a view of the first rows, the
@@ -371,15 +378,25 @@ class ExitServer:
         eng = self._engine
         k = h.shape[0]
         rows = eng._rows(k, h.device)
-        if self._compiled:  # compiled regions write into buffers made before the stage runs
-            if self._spec is None:
-                self._spec = eng._spec(h)
-            out = new_outputs(k, *self._spec, h.device)
+        patience = eng._patience is not None
+        if self._compiled and self._spec is None:
+            self._spec = eng._spec(h)
+        if self._compiled or (patience and n):
+            # Compiled regions write into buffers made before the stage runs; under
+            # patience the rows' streaks so far go in (exit 0 reads none).
+            out = new_outputs(k, *self._spec, h.device, patience)
+            if patience and n:
+                out[4].copy_(torch.tensor([r.patience for r in reqs], dtype=torch.int64))
         else:
             out = []
         regions, _ = eng._plan(h.device, self._compiled)
         h, (survivors, _, count) = regions[n](h, rows, out)
+        if self._spec is None:
+            self._spec = (out[0].shape[1], out[0].dtype)
         stay = survivors[:0 if n == self._n - 1 else int(count)]
+        if patience and stay.numel():
+            for i, state in zip(stay.tolist(), out[4].index_select(0, stay).tolist()):
+                reqs[i].patience = state
         leave = torch.ones(k, dtype=torch.bool, device=h.device)
         leave[stay] = False
         idx = leave.nonzero().squeeze(1)
@@ -387,7 +404,10 @@ class ExitServer:
         pred = out[1].index_select(0, idx).tolist()
         ent = out[3].index_select(0, idx).tolist()
         crit = eng.criterion
-        score = ent if crit == "entropy" else exit_scores(logits.float(), crit)[0].tolist()
+        if crit == "patience":
+            score = out[4][:, 1].index_select(0, idx).tolist()
+        else:
+            score = ent if crit == "entropy" else exit_scores(logits.float(), crit)[0].tolist()
         now = time.perf_counter()
         answered = 0
         with self._cv:
