@@ -1,6 +1,7 @@
 """The engine's speed in two checkouts, measured in one run: the eager engine's fixed cost
 at B = 1 (every sample leaving at branch 1, against stage 1 + branch 1 by hand) and
-B-LeNet at the paper's exit profile, B = 1 and 256, eager and compiled.
+B-LeNet at the paper's exit profile, B = 1 and 256, eager and compiled; and PABEE's
+patience on a 6-exit MLP, B = 1 and 256, eager.
 
     mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before
     cp branchynet/_C*.so /tmp/before/branchynet/       # an extension built from the same csrc/
@@ -82,6 +83,18 @@ def child(root: str, compile_: bool) -> dict:
             for x in inputs:
                 eng(x)
             out[f"{name}_B{b}_us_per_sample"] = _median_time(eng, inputs, reps) / b * 1e6
+    # PABEE's patience (P = 2) on a 6-exit MLP of width 64: stages of a few us, so the
+    # cost of the decision itself shows.
+    from branchynet.testing import random_mlp
+
+    mlp = random_mlp(seed=3, num_exits=6, width=64, classes=3, dtype=torch.float32)
+    px = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    eng = EarlyExitEngine(mlp, criterion="patience", patience=2)
+    out["patience_exit_counts_B256"] = eng(px).counts
+    for b, inputs, reps in ((1, [px[i:i + 1] for i in range(64)], 31), (256, [px] * 4, 15)):
+        for x in inputs:
+            eng(x)
+        out[f"patience_B{b}_us_per_sample"] = _median_time(eng, inputs, reps) / b * 1e6
     return out
 
 
@@ -111,6 +124,9 @@ def main() -> None:
         cells = []
         for r in roots:
             v = [run[k] for run in runs[r]]
+            if isinstance(v[0], list):  # a profile, not a time: the first repeat's
+                cells.append(str(v[0]))
+                continue
             cells.append(f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})")
         print(f"| {k} | " + " | ".join(cells) + " |")
 
