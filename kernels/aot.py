@@ -168,14 +168,16 @@ def grid(full: bool) -> list:
     ``full``: every configuration the dispatcher can pick (dtypes x criteria x last x
     the tile kernel's C range, the chunked kernel, the gather's row widths x element
     widths). Otherwise a representative grid for CI: every tile width for the heaviest
-    variant (margin, a side exit) in fp32 and bf16; every dtype x criterion x last at
+    variants (margin and patience, a side exit: patience is the heavier at BLOCK_C
+    16-128, margin at most others) in fp32 and bf16; every dtype x criterion x last at
     the widths closest to spilling (BLOCK_C 128, and the widest tile); the chunked kernel
-    per dtype and last; the gather at the narrowest, a middle and the widest block for
-    every element width.
+    per dtype and last for the margin and patience; the gather at the narrowest, a middle
+    and the widest block for every element width.
     """
     tiles, chunks, gathers = tile_configs(), chunked_configs(), gather_configs()
     out = []
-    crits, lasts = (0, 1, 2), (False, True)
+    # 0-2: entropy, max probability, margin; 3: patience (its state's loads and stores).
+    crits, lasts = (0, 1, 2, 3), (False, True)
     if full:
         for d in DTYPES:
             for c in crits:
@@ -184,16 +186,16 @@ def grid(full: bool) -> list:
                     out += [("chunked", d, c, last, cfg) for cfg in chunks]
         out += [("gather", str(w), 0, False, cfg) for w in _INT_PTR for cfg in gathers]
         return out
-    for d in ("fp32", "bf16"):
-        out += [("tile", d, 2, False, cfg) for cfg in tiles]
+    heavy = [(d, c, False) for d in ("fp32", "bf16") for c in (2, 3)]
+    for d, c, last in heavy:
+        out += [("tile", d, c, last, cfg) for cfg in tiles]
     hot = [cfg for cfg in tiles if cfg[1] in (128, tiles[-1][1])]
     for d in DTYPES:
         for c in crits:
             for last in lasts:
-                out += [("tile", d, c, last, cfg) for cfg in hot if (d, c, last) not in
-                        (("fp32", 2, False), ("bf16", 2, False))]
+                out += [("tile", d, c, last, cfg) for cfg in hot if (d, c, last) not in heavy]
         for last in lasts:  # the last exit spilled where the side exit did not
-            out += [("chunked", d, 2, last, cfg) for cfg in chunks]
+            out += [("chunked", d, c, last, cfg) for c in (2, 3) for cfg in chunks]
     sample = [gathers[0], gathers[len(gathers) // 2], gathers[-1]]
     out += [("gather", w, 0, False, cfg) for w in map(str, _INT_PTR) for cfg in sample]
     return out
@@ -233,7 +235,8 @@ def count_variants(c: int, dtype: str = "fp32", criterion: int = 0, last: bool =
     ``ks``, and the grid of each launch: ``(variants, grids)``.
 
     The engine hands the exit op freshly allocated logits ``[K, C]`` and the survivors'
-    rows as a prefix of its buffer, with fixed ``[B, ...]`` output buffers.
+    rows as a prefix of its buffer, with fixed ``[B, ...]`` output buffers (and, for
+    patience, criterion 3, its fixed ``[B, 2]`` state).
     """
     import torch
 
@@ -248,9 +251,11 @@ def count_variants(c: int, dtype: str = "fp32", criterion: int = 0, last: bool =
         out = (torch.empty(b, c, dtype=dt), torch.empty(b, dtype=torch.int64),
                torch.empty(b, dtype=torch.int64), torch.empty(b))
         rows_buf = torch.arange(b)
+        state = torch.zeros(b, 2, dtype=torch.int64) if criterion == 3 else None
         for k in ks:
-            tk.exit_step_triton(torch.empty(k, c, dtype=dt), rows_buf[:k], 0.5, 1 + k % 2, *out,
-                                criterion=criterion, last=last)
+            # Exits 0, 1, 2: the first (where patience does not read its state) and two more.
+            tk.exit_step_triton(torch.empty(k, c, dtype=dt), rows_buf[:k], 0.5, k % 3, *out,
+                                criterion=criterion, last=last, patience_state=state)
     finally:
         tk._exit_step_tile_kernel, tk._exit_step_chunked_kernel = saved
     return len(keys), grids
@@ -298,7 +303,7 @@ def run(full: bool = False) -> dict:
         _save_cache(cache)
     variants = {}
     for c in (1, 10, 100, 1000, 20000):
-        for crit in (0, 2):
+        for crit in (0, 2, 3):
             n, _ = count_variants(c, "fp32", crit, False, range(1, 4097) if c <= 1000 else range(1, 300))
             variants[f"C={c} criterion={crit}"] = n
     _, grids = count_variants(10, ks=[4097])

@@ -6,7 +6,10 @@ prediction, the criterion's score and the exit test, writes the exiting rows' re
 their original rows and compacts the survivors' indices, all in one launch. Against the
 PyTorch reference (``branchynet.ops._torch.exit_step_torch``, about ten kernels and as
 many passes over the logits or the [K] vectors) it moves the minimum: logits read once,
-exiting rows written once, survivors' indices written once.
+exiting rows written once, survivors' indices written once. Patience (criterion 3, PABEE)
+has no score: its test is the streak of equal predictions over the exits, kept in a
+state ``[B, 2]`` (previous prediction, streak) by original row, which the same launch
+reads (but at the first exit) and rewrites at every row of the call: 16 bytes a row each.
 
 Two kernels, picked by the number of classes ``C``:
 
@@ -33,8 +36,9 @@ Semantics are the reference's (see :mod:`branchynet.exits`): fp32 accumulation f
 input dtype; a row containing NaN or +inf, or only -inf, has NaN entropy and NaN score and
 never leaves early; ``pred`` treats NaN as +inf and the first index wins on ties
 (``torch.argmax``); classes with ``exp(d) == 0`` contribute 0 to the entropy; the entropy
-is clamped at 0 (NaN kept). ``exp`` is Triton's, a few ulp away from torch's, so scores can
-differ from the reference in the last bits.
+is clamped at 0 (NaN kept); under patience a row leaves early when its streak reaches
+the threshold (the patience P) and its entropy is not NaN. ``exp`` is Triton's, a few ulp
+away from torch's, so scores can differ from the reference in the last bits.
 
 ``gather_rows_triton`` copies whole per-sample blocks: it sees ``features`` as a
 ``[K, N]`` matrix over its storage (valid whenever each sample's block is dense, which
@@ -80,7 +84,7 @@ CHUNK_C = 4096
 #: 255 registers and spills 350-820 B on sm_90 (ptxas -v; tests/test_aot.py).
 TILE_ELEMS = 2048
 #: Values of the tile per thread. 16 was spill-free with Triton 3.9 but not with 3.8 (the
-#: Triton of torch 2.14.1: 4-8 B spilled by 7 of the 78 configurations of
+#: Triton of torch 2.14.1: 4-8 B spilled by 7 of the 78 configurations then in
 #: tests/test_aot.py, the 8K-wide last-exit tiles on 16 warps among them); 8 is spill-free
 #: with both, at twice the warps.
 ELEMS_PER_THREAD = 8
@@ -115,14 +119,60 @@ def _score(h, s, rest, e2, CRITERION: tl.constexpr):
     without the top class's ``e = exp(0) = 1``) and the runner-up's ``e2``: ``1 - p1 =
     rest / s`` and ``1 - (p1 - p2) = (rest + e2) / s``, which keep a confident row's score
     where fp32 ``1 - 1 / s`` is 0 (below ~6e-8). NaN entropy gives a NaN score (the row
-    never leaves early)."""
-    if CRITERION == 0:
-        score = h
-    elif CRITERION == 1:
+    never leaves early). Patience (3) has no score: it gets the entropy, unused."""
+    if CRITERION == 1:
         score = rest / s
-    else:
+    elif CRITERION == 2:
         score = (rest + e2) / s
+    else:
+        score = h
     return tl.where(h != h, h, score)
+
+
+@triton.jit
+def _decide(score, h, pred, r, rmask, rows_ptr, s_rows, threshold, exit_index, state_ptr,
+            CRITERION: tl.constexpr, LAST: tl.constexpr):
+    """``(leave, orow)``: which rows leave, and their original rows. Criteria 0-2:
+    ``score < threshold`` (NaN < T is false). Patience (3): the streak ``cnt`` of equal
+    predictions, ``cnt >= threshold`` with a non-NaN entropy, from the state ``[B, 2]``
+    (contiguous int64: previous prediction, streak) read at the original rows and
+    rewritten there for every row of the call, leaving or not, last exit or not. For
+    criteria 0-2 ``state_ptr`` is a dummy never touched: the branch is a constexpr, so
+    their code has no trace of the state.
+
+    Patience's side exit is the kernel's heaviest code on sm_90 (122 registers with
+    Triton 3.9, 139 with 3.8, at BLOCK_C 128; no spills): its decision waits on two
+    dependent loads (rows, then state). Loading them before the softmax, or the state as
+    one ``[ROWS, 2]`` block, took as many registers or more."""
+    if CRITERION == 3:
+        # The state is by original row (like the out_* buffers: nothing to gather at
+        # compaction), so the rows come first here.
+        orow = tl.load(rows_ptr + r * s_rows, mask=rmask, other=0)
+        p = pred.to(tl.int64)
+        # The first exit's state is not read (it may be uninitialised): its loads are
+        # masked off, and the -1 they give never equals a prediction, so cnt is 0 there.
+        # exit_index is a runtime value (not specialised: one compiled variant per exit);
+        # a where, not `rmask & (exit_index != 0)`, whose mask the interpreter refuses.
+        rd = tl.where(exit_index != 0, rmask, False)
+        prev = tl.load(state_ptr + orow * 2, mask=rd, other=-1)
+        cnt = tl.where(p == prev, tl.load(state_ptr + orow * 2 + 1, mask=rd, other=0) + 1, 0)
+        tl.store(state_ptr + orow * 2, p, mask=rmask)
+        tl.store(state_ptr + orow * 2 + 1, cnt, mask=rmask)
+        if LAST:
+            leave = rmask
+        else:
+            # fp32 like the threshold (streaks are small integers, exact in fp32).
+            leave = rmask & (cnt.to(tl.float32) >= threshold) & (h == h)
+    else:
+        if LAST:
+            leave = rmask
+        else:
+            leave = rmask & (score < threshold)  # NaN < T is false
+        # After the decision, where it was before patience, so that criteria 0-2 compile
+        # to the code measured in benchmarks/results/aot-sm90 (loaded first, 5 of their
+        # configurations take 1-2 registers fewer on sm_90: other code than was checked).
+        orow = tl.load(rows_ptr + r * s_rows, mask=rmask, other=0)
+    return leave, orow
 
 
 @triton.jit
@@ -155,7 +205,7 @@ def _exit_step_tile_kernel(
     rows_ptr, s_rows,
     out_logits_ptr, so_k, so_c,
     out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
-    surv_ptr, surv_rows_ptr, count_ptr,
+    surv_ptr, surv_rows_ptr, count_ptr, state_ptr,
     K, C, threshold, exit_index,
     CRITERION: tl.constexpr, LAST: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -199,12 +249,8 @@ def _exit_step_tile_kernel(
         e2 = s
     score = _score(h, s, rest, e2, CRITERION)
 
-    if LAST:
-        leave = rmask
-    else:
-        leave = rmask & (score < threshold)  # NaN < T is false
-
-    orow = tl.load(rows_ptr + r * s_rows, mask=rmask, other=0)
+    leave, orow = _decide(score, h, pred, r, rmask, rows_ptr, s_rows, threshold, exit_index, state_ptr,
+                          CRITERION, LAST)
     tl.store(out_logits_ptr + orow[:, None] * so_k + col[None, :] * so_c, raw,
              mask=m2 & leave[:, None])
     _write_and_compact(r, rmask, orow, leave, pred, h, exit_index,
@@ -218,7 +264,7 @@ def _exit_step_chunked_kernel(
     rows_ptr, s_rows,
     out_logits_ptr, so_k, so_c,
     out_pred_ptr, so_pred, out_exit_ptr, so_exit, out_ent_ptr, so_ent,
-    surv_ptr, surv_rows_ptr, count_ptr,
+    surv_ptr, surv_rows_ptr, count_ptr, state_ptr,
     K, C, threshold, exit_index,
     CRITERION: tl.constexpr, LAST: tl.constexpr,
     ROWS: tl.constexpr, CHUNK: tl.constexpr,
@@ -284,12 +330,9 @@ def _exit_step_chunked_kernel(
     h = tl.where(bad | (best == ninf), nan, h)
     e2 = tl.exp(second - best)
     score = _score(h, s, rest, e2, CRITERION)
-    if LAST:
-        leave = rmask
-    else:
-        leave = rmask & (score < threshold)
+    leave, orow = _decide(score, h, idx, r, rmask, rows_ptr, s_rows, threshold, exit_index, state_ptr,
+                          CRITERION, LAST)
 
-    orow = tl.load(rows_ptr + r * s_rows, mask=rmask, other=0)
     # Second read, leaving rows only: the copy-out.
     for c0 in range(0, C, CHUNK):
         cc = c0 + col
@@ -343,10 +386,12 @@ def exit_step_triton(
     out_entropy: torch.Tensor,
     criterion: int = 0,
     last: bool = False,
+    patience_state: torch.Tensor | None = None,
 ):
     """The exit op in one Triton launch. Same contract as
     :func:`branchynet.ops.exit_step` (criterion as its integer id), which validates the
-    arguments; this launcher only checks what the kernel itself relies on.
+    arguments; this launcher only checks what the kernel itself relies on (for patience,
+    criterion 3: a contiguous int64 ``patience_state`` of 2 columns, read and written).
 
     Returns:
         ``(survivors [K] int64, survivor_rows [K] int64, count [1] int64)`` on the device;
@@ -357,8 +402,18 @@ def exit_step_triton(
         raise TypeError(f"backend 'triton' takes float32, float16 or bfloat16 logits, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must have shape [K, C] with C >= 1, got {tuple(logits.shape)}")
-    if criterion not in (0, 1, 2):
-        raise ValueError(f"criterion id must be 0, 1 or 2, got {criterion}")
+    if criterion not in (0, 1, 2, 3):
+        raise ValueError(f"criterion id must be 0, 1, 2 or 3, got {criterion}")
+    if criterion == 3:
+        st = patience_state
+        if (st is None or st.dtype != torch.int64 or st.dim() != 2 or st.shape[1] != 2
+                or not st.is_contiguous() or st.device != logits.device):
+            raise ValueError("criterion 3 (patience) needs patience_state: a contiguous int64 [B, 2] "
+                             "tensor on the logits' device")
+    else:
+        # The kernels' state_ptr is never dereferenced for criteria 0-2; the rows (int64,
+        # like a state) stand in, so the argument adds no specialisation of its own.
+        patience_state = rows
     k, c = logits.shape
     dev = logits.device
     survivors = torch.empty(k, dtype=torch.int64, device=dev)
@@ -375,7 +430,7 @@ def exit_step_triton(
         out_logits, out_logits.stride(0), out_logits.stride(1),
         out_pred, out_pred.stride(0), out_exit, out_exit.stride(0),
         out_entropy, out_entropy.stride(0),
-        survivors, survivor_rows, count,
+        survivors, survivor_rows, count, patience_state,
         k, c, float(threshold), int(exit_index),
     )
     kind, rows_per, width, warps = exit_step_config(c)

@@ -2,7 +2,8 @@
 
 The representative grid of launch configurations is compiled once per session for sm_90
 with Triton's ptxas, in a subprocess with ``TRITON_INTERPRET=0`` (the test process runs
-the interpreter). About 30 s of CPU on a fresh machine, seconds with the caches warm.
+the interpreter). About a minute of CPU on a fresh machine (120 configurations, 2-core
+VM), seconds with the caches warm.
 ``python -m branchynet.kernels.aot --full`` compiles every configuration.
 """
 
@@ -85,6 +86,22 @@ def test_grid_covers_every_width_the_dispatcher_picks(report):
             assert ("chunked", dtype, rows, width, warps) in compiled
     # C = 1 .. 8192 in powers of two: 14 tile widths.
     assert [t[1] for t in tiles] == [1 << i for i in range(14)]
+
+
+def test_grid_covers_every_criterion(report):
+    # Patience (3) reads and writes its state where the others do not: its own code, whose
+    # side-exit tiles of BLOCK_C 16-128 take the most registers of all on sm_90.
+    compiled = {(r["kernel"], r["dtype"], r["criterion"], r["last"], r["width"]) for r in report["compiled"]}
+    for dtype in ("fp32", "bf16"):
+        for crit in (2, 3):
+            assert {w for k, d, c, last, w in compiled if (k, d, c, last) == ("tile", dtype, crit, False)} \
+                == {1 << i for i in range(14)}, (dtype, crit)
+    for last in (False, True):
+        crits = {r["criterion"] for r in report["compiled"] if r["kernel"] == "tile" and r["last"] == last}
+        assert crits == {0, 1, 2, 3}, (last, crits)
+        crits = {r["criterion"] for r in report["compiled"] if r["kernel"] == "chunked" and r["last"] == last}
+        assert 3 in crits, (last, crits)
+    assert {name.split("criterion=")[1] for name in report["exit_step_variants_k1_4096"]} >= {"0", "2", "3"}
 
 
 def test_survivor_counts_compile_one_variant_each(report):
