@@ -193,9 +193,8 @@ def exit_step(
     cid = criterion_id(criterion, patience=True)
     _check_patience_state(patience_state, cid, logits, out_logits.shape[0])
     step = implementation(resolve_backend(backend, logits.device))[0]
-    extra = {} if patience_state is None else {"patience_state": patience_state}
     return step(logits, rows, threshold, exit_index, out_logits, out_pred, out_exit, out_entropy,
-                criterion=cid, last=bool(last), **extra)
+                criterion=cid, last=bool(last), patience_state=patience_state)
 
 
 def _check_patience_state(state, cid: int, logits: torch.Tensor, b: int) -> None:
