@@ -3,7 +3,8 @@
 A 4-layer BERT (hidden 256, 4 heads, FFN 1024, random weights, seed 0), sequences of 128
 tokens, exits after layers 1 and 2 (``bert.encoder.layer.0`` / ``.1``) with the default
 token branches; thresholds set on the pool so that half the samples leave at the first
-exit and a quarter at the second (the rest at the model's own classifier). Timed:
+exit and a quarter at the second (the rest at the model's own classifier), and PABEE's
+patience with P = 1 (the exit op's criterion "patience"). Timed:
 ``EarlyExitEngine(**inputs)`` against ``model(**inputs).logits`` under inference mode, at
 B = 1 (each pool sample alone) and B = 64, rounds interleaving the two; per sample
 times, median and min-max over the rounds.
@@ -109,10 +110,19 @@ def main() -> None:
         return hf(**x).logits
 
     rows = {}
+    with torch.inference_mode():
+        eng.patience = 1
+        eng.criterion = "patience"
+        patience_counts = eng(**pool).counts
+        eng.criterion = "entropy"
     # The profile above, then every sample to the last exit (thresholds 0): the cost of
-    # the cut graph, the side branches and the gathers against the model, with no exit.
-    for profile, thresholds in (("50/25/25", th), ("0/0/100", [0.0, 0.0])):
-        eng.thresholds = thresholds
+    # the cut graph, the side branches and the gathers against the model, with no exit;
+    # then PABEE's patience with P = 1 (leave at exit 2 when exits 1 and 2 agree).
+    for profile, thresholds in (("50/25/25", th), ("0/0/100", [0.0, 0.0]), ("patience P=1", None)):
+        if thresholds is None:
+            eng.criterion = "patience"
+        else:
+            eng.thresholds = thresholds
         for b in (1, B_BIG):
             batches = [{k: v[i:i + b] for k, v in pool.items()} for i in range(0, args.samples, b)]
             engine(batches[0]), model(batches[0])  # warm
@@ -121,7 +131,8 @@ def main() -> None:
             ratios = [x / y for x, y in zip(t["b"], t["a"])]
             rows[f"{profile} B={b}"] = {"engine": e, "model": m, "speedup_median": statistics.median(ratios),
                                         "speedup_min": min(ratios), "speedup_max": max(ratios)}
-    meta = dict(_meta(args), thresholds=th, exit_counts=counts, samples=args.samples, rounds=args.rounds)
+    meta = dict(_meta(args), thresholds=th, exit_counts=counts, patience_exit_counts=patience_counts,
+                samples=args.samples, rounds=args.rounds)
     result = {"meta": meta, "rows": rows}
     text = _markdown(result)
     print(text)
@@ -211,7 +222,8 @@ def _markdown(r: dict) -> str:
         "",
         f"4-layer BERT (hidden 256, 4 heads, FFN 1024, random weights), sequences of {SEQ} tokens, exits "
         f"after layers 1 and 2; exit counts on the {m['samples']}-sample pool {m['exit_counts']} "
-        f"(thresholds {[round(t, 4) for t in m['thresholds']]}).",
+        f"(thresholds {[round(t, 4) for t in m['thresholds']]}); under PABEE's patience with P = 1 "
+        f"{m.get('patience_exit_counts')}.",
         f"Commit {m['commit']}, torch {m['torch']}, transformers {m['transformers']}, {m['cpu']}, "
         f"{m['threads']} thread, {m['date']}. {m['rounds']} interleaved rounds; median (min-max) over them.",
         "",

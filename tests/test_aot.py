@@ -92,10 +92,9 @@ def test_grid_covers_every_criterion(report):
     # Patience (3) reads and writes its state where the others do not: its own code, whose
     # side-exit tiles of BLOCK_C 16-128 take the most registers of all on sm_90.
     compiled = {(r["kernel"], r["dtype"], r["criterion"], r["last"], r["width"]) for r in report["compiled"]}
-    for dtype in ("fp32", "bf16"):
-        for crit in (2, 3):
-            assert {w for k, d, c, last, w in compiled if (k, d, c, last) == ("tile", dtype, crit, False)} \
-                == {1 << i for i in range(14)}, (dtype, crit)
+    for dtype, crit in (("fp32", 2), ("bf16", 2), ("fp32", 3)):  # patience's bf16: --full
+        assert {w for k, d, c, last, w in compiled if (k, d, c, last) == ("tile", dtype, crit, False)} \
+            == {1 << i for i in range(14)}, (dtype, crit)
     for last in (False, True):
         crits = {r["criterion"] for r in report["compiled"] if r["kernel"] == "tile" and r["last"] == last}
         assert crits == {0, 1, 2, 3}, (last, crits)
