@@ -134,13 +134,7 @@ def main() -> None:
     meta = dict(_meta(args), thresholds=th, exit_counts=counts, patience_exit_counts=patience_counts,
                 samples=args.samples, rounds=args.rounds)
     result = {"meta": meta, "rows": rows}
-    text = _markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "hf_bert.json").write_text(json.dumps(result, indent=2))
-        (out / "hf_bert.md").write_text(text)
+    _write(args.out, "hf_bert", result, _markdown(result))
 
 
 
@@ -195,13 +189,17 @@ def gathers(net, args) -> None:
         lines.append(f"| {k} | {s['median_us']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | "
                      f"{lg['median_us']:.1f} ({lg['min']:.1f}-{lg['max']:.1f}) | {saved:.2f} % | "
                      f"{ns['median_us']:.0f} ({ns['min']:.0f}-{ns['max']:.0f}) |")
-    text = "\n".join(lines) + "\n"
+    _write(args.out, "state_gather", result, "\n".join(lines) + "\n")
+
+
+def _write(out: str | None, stem: str, result: dict, text: str) -> None:
+    """Print the table; with ``--out``, write ``stem.json`` and ``stem.md`` there."""
     print(text)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "state_gather.json").write_text(json.dumps(result, indent=2))
-        (out / "state_gather.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{stem}.md").write_text(text)
 
 
 def _meta(args) -> dict:

@@ -12,7 +12,7 @@ other criteria, with P as every side exit's threshold.
 
 from __future__ import annotations
 
-__all__ = ["check_patience"]
+__all__ = ["check_patience", "exit_rule"]
 
 
 def check_patience(patience) -> int:
@@ -21,3 +21,9 @@ def check_patience(patience) -> int:
         raise ValueError(f"patience must be an int >= 1 (agreeing exits in a row before a sample "
                          f"leaves), got {patience!r}")
     return patience
+
+
+def exit_rule(patience: int | None) -> dict:
+    """The engine's keyword arguments for a command's ``--patience``: none (the
+    checkpoint's thresholds) when it is not given, else the patience criterion with P."""
+    return {} if patience is None else {"criterion": "patience", "patience": patience}

@@ -33,11 +33,12 @@ def run_export(args: argparse.Namespace) -> None:
 
     if args.aoti and args.format != "pt2":
         raise SystemExit("error: --aoti needs --format pt2")
+    from ..patience import exit_rule
+
     model = load_checkpoint(args.checkpoint, map_location=args.device)
-    rule = {} if args.patience is None else {"criterion": "patience", "patience": args.patience}
     try:
         path = export(model, args.out, args.format, device=args.device, opset=args.opset, aoti=args.aoti,
-                      max_batch=args.max_batch, progress=not args.quiet, **rule)
+                      max_batch=args.max_batch, progress=not args.quiet, **exit_rule(args.patience))
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

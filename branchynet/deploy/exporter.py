@@ -125,11 +125,11 @@ def _exit_graphs(model, engine, x: torch.Tensor):
     graphs, states = [], []
     h = x
     last = model.num_exits - 1
+    # Patience has no score: its graphs return the entropy's (what the op writes).
+    cid = 0 if engine.criterion == "patience" else engine._cid
     for n, (stage, branch) in enumerate(zip(model.stages, model.branches)):
         state = flatten_state(h, f"the input of stage {n}")
         packed = None if isinstance(h, torch.Tensor) else len(state)
-        # Patience has no score: its graphs return the entropy's (what the op writes).
-        cid = 0 if engine.criterion == "patience" else engine._cid
         graphs.append(ExitGraph(stage, branch, cid, n == last, packed).eval())
         states.append(state)
         h = stage(h)

@@ -27,6 +27,7 @@ import torch
 from ..config import PATIENCE_ID, check_thresholds, criterion_id
 from ..patience import check_patience
 from ..engine import ExitResult, _inference_mode
+from ..ops._torch import _patience_streak
 from .manifest import ManifestError, read_manifest
 
 __all__ = ["load", "Runner"]
@@ -218,11 +219,11 @@ class _OnnxRunner(Runner):
 
     def _exit(self, n, z, score, entropy, pred, rows, out, last):
         if self._cid == PATIENCE_ID:
-            # The exit op's patience rule: each original row's (previous prediction,
-            # streak) in out[4], not read at exit 0; a NaN row never leaves early.
-            state = out[4]
-            streak = np.zeros_like(pred) if n == 0 else np.where(pred == state[rows, 0], state[rows, 1] + 1, 0)
-            state[rows, 0], state[rows, 1] = pred, streak
+            # The exit op's patience rule, its PyTorch reference on views of the arrays:
+            # each original row's (previous prediction, streak) in out[4], not read at
+            # exit 0; a NaN row never leaves early.
+            streak = _patience_streak(torch.from_numpy(out[4]), torch.from_numpy(rows), torch.from_numpy(pred),
+                                      n).numpy()
             leave = np.ones(z.shape[0], dtype=bool) if last else (streak >= self._patience) & ~np.isnan(entropy)
         elif last:
             leave = np.ones(z.shape[0], dtype=bool)

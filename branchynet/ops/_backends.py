@@ -218,10 +218,8 @@ def _generic_step(exit_step):
         if not out:
             out += new_outputs(logits.shape[0], logits.shape[1], logits.dtype, logits.device,
                                criterion == PATIENCE_ID)
-        if len(out) == 5:
-            return exit_step(logits, rows, threshold, exit_index, *out[:4], criterion=criterion, last=last,
-                             patience_state=out[4])
-        return exit_step(logits, rows, threshold, exit_index, *out, criterion=criterion, last=last)
+        return exit_step(logits, rows, threshold, exit_index, *out[:4], criterion=criterion, last=last,
+                         patience_state=out[4] if len(out) == 5 else None)
     return step
 
 
@@ -235,11 +233,10 @@ def _cpp_step(direct, fallback):
     def step(logits, rows, threshold, exit_index, out, criterion, last):
         if is_compiling():
             return fallback(logits, rows, threshold, exit_index, out, criterion, last)
+        if not out and criterion == PATIENCE_ID:  # the state too: allocated here, not by the extension
+            out += new_outputs(logits.shape[0], logits.shape[1], logits.dtype, logits.device, True)
         if out:
             return direct(logits, rows, threshold, exit_index, *out[:4], criterion, last, *out[4:])
-        if criterion == PATIENCE_ID:  # the state too: allocated here, not by the extension
-            out += new_outputs(logits.shape[0], logits.shape[1], logits.dtype, logits.device, True)
-            return direct(logits, rows, threshold, exit_index, *out[:4], criterion, last, out[4])
         survivors, survivor_rows, count, *new = direct(
             logits, rows, threshold, exit_index, None, None, None, None, criterion, last)
         out += new

@@ -85,13 +85,13 @@ def _serve_http(args) -> None:
         raise SystemExit("error: branchynet serve needs uvicorn and fastapi: pip install 'branchynet[serve]'") \
             from None
     from ..checkpoint import build_from_checkpoint, read_checkpoint
+    from ..patience import exit_rule
     from .http import create_app
-    from .ray import _rule  # the replicas' rule too; ray.py imports Ray only when a deployment is made
     from .server import ExitServer
 
     model = build_from_checkpoint(read_checkpoint(args.checkpoint, map_location=args.device), args.checkpoint)
     server = ExitServer(model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                        max_queued=args.max_queued, backend=args.backend, **_rule(args.patience))
+                        max_queued=args.max_queued, backend=args.backend, **exit_rule(args.patience))
     try:
         try:
             app = create_app(server, model.input_shape, dtype=next(model.parameters()).dtype,

@@ -45,6 +45,7 @@ def _replica_class():
             import torch
 
             from branchynet.checkpoint import build_from_checkpoint, read_checkpoint
+            from branchynet.patience import exit_rule
             from branchynet.serving.server import ExitServer
 
             if settings.get("threads"):
@@ -54,7 +55,7 @@ def _replica_class():
             self.settings = settings
             self.server = ExitServer(self.model, max_batch_size=settings["max_batch_size"],
                                      max_wait_ms=settings["max_wait_ms"], max_queued=settings["max_queued"],
-                                     backend=settings["backend"], **_rule(settings.get("patience")))
+                                     backend=settings["backend"], **exit_rule(settings.get("patience")))
 
         def __serve_build_asgi_app__(self):
             from branchynet.serving.http import create_app
@@ -75,11 +76,6 @@ def _replica_class():
                 server.close(drain=True)
 
     return BranchyNetReplica
-
-
-def _rule(patience: int | None) -> dict:
-    """The ExitServer's exit rule: the checkpoint's thresholds, or patience P."""
-    return {} if patience is None else {"criterion": "patience", "patience": patience}
 
 
 def deployment(checkpoint, *, device: str = "cpu", max_batch_size: int = 256, max_wait_ms: float = 2.0,
